@@ -1,0 +1,118 @@
+"""Stage 4, evaluate: score a trained model on the held-out test split.
+
+Writes ``metrics.json`` (for ``dvc metrics show``), ``predictions.csv`` (one row per test
+galaxy, for ``dvc plots`` confusion matrices and for the model card) and figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from pipeline import plots
+from pipeline.config import stage_main
+from pipeline.io import atomic_path, atomic_write_json
+from pipeline.labels import LabelScheme
+from pipeline.prepare import META_NAME, load_split
+from pipeline.train import HISTORY_NAME, MODEL_NAME, SUMMARY_NAME
+
+log = logging.getLogger(__name__)
+
+
+def load_model(model_dir: Path):
+    """Load a saved model with Keras ``safe_mode`` (no arbitrary code from the file runs)."""
+    import keras
+
+    path = Path(model_dir) / MODEL_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no trained model; run the train stage first")
+    return keras.saving.load_model(path, safe_mode=True)
+
+
+def classification_metrics(y_true: np.ndarray, proba: np.ndarray, scheme: LabelScheme) -> dict:
+    """Accuracy, balanced accuracy, macro-F1, per-class P/R/F1, ROC AUC and confusion matrix."""
+    from sklearn import metrics
+
+    y_pred = proba.argmax(axis=1)
+    labels = list(range(scheme.n_classes))
+    report = metrics.classification_report(y_true, y_pred, labels=labels,
+                                           target_names=list(scheme.classes), output_dict=True,
+                                           zero_division=0)
+    try:
+        auc = float(metrics.roc_auc_score(y_true, proba, multi_class="ovr", average="macro",
+                                          labels=labels))
+    except ValueError:  # a class absent from the test split
+        auc = None
+    return {
+        "accuracy": float(metrics.accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(metrics.balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(report["macro avg"]["f1-score"]),
+        "roc_auc_ovr": auc,
+        "log_loss": float(metrics.log_loss(y_true, proba, labels=labels)),
+        "per_class": {c: {"precision": float(report[c]["precision"]),
+                          "recall": float(report[c]["recall"]),
+                          "f1": float(report[c]["f1-score"]),
+                          "support": int(report[c]["support"])} for c in scheme.classes},
+        "confusion_matrix": metrics.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "n_test": len(y_true),
+    }
+
+
+def run(cfg: DictConfig, name: str | None = None) -> dict:
+    name = name or cfg.model
+    model_dir = Path(cfg.paths.models) / name
+    out_dir = Path(cfg.paths.reports) / name
+    meta = json.loads((Path(cfg.paths.prepared) / META_NAME).read_text())
+    scheme = LabelScheme.from_names(meta["classes"])
+    test = load_split(Path(cfg.paths.prepared), "test")
+    model = load_model(model_dir)
+    proba = model.predict(test["images"].astype(np.float32), batch_size=256, verbose=0)
+    y = test["labels"]
+    result = classification_metrics(y, proba, scheme)
+
+    summary = json.loads((model_dir / SUMMARY_NAME).read_text())
+    history = pd.read_csv(model_dir / HISTORY_NAME)
+    best = history.loc[history["epoch"] == summary["best_epoch"]].iloc[0]
+    result.update({
+        "model": name,
+        "kind": summary["kind"],
+        "pretrained": summary["pretrained"],
+        "best_epoch": summary["best_epoch"],
+        "epochs_run": summary["epochs"],
+        "train_loss_at_best": float(best["loss"]),
+        "val_loss_at_best": float(best["val_loss"]),
+        # Positive and growing gap = the model fits the training set better than unseen data.
+        "generalization_gap": float(best["val_loss"] - best["loss"]),
+        "train_wall_time_s": summary["wall_time_s"],
+    })
+
+    predictions = pd.DataFrame({"objid": test["objid"], "actual": scheme.decode(y),
+                                "predicted": scheme.decode(proba.argmax(axis=1))})
+    for k, c in enumerate(scheme.classes):
+        predictions[f"p_{c}"] = proba[:, k]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "predictions.csv") as tmp:
+        predictions.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "figures") as tmp:
+        tmp.mkdir()
+        plots.learning_curves(history, summary["best_epoch"], tmp / "learning_curves.png",
+                              f"{name}: learning curves")
+        plots.confusion_matrix(np.array(result["confusion_matrix"]), list(scheme.classes),
+                               tmp / "confusion_matrix.png", f"{name}: test confusion matrix")
+        plots.roc_curves(y, proba, list(scheme.classes), tmp / "roc.png",
+                         f"{name}: one-vs-rest ROC")
+    atomic_write_json(out_dir / "metrics.json", result)
+    log.info("%s on %d test galaxies: accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f",
+             name, len(y), result["accuracy"], result["balanced_accuracy"], result["macro_f1"])
+    return result
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Atomic writes and image reading: one place for how files enter and leave the pipeline.
+
+Every output is written beside its final path and renamed into place, so an interrupted
+stage leaves either the old output or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Flux images (FITS) get an asinh stretch; display images (JPEG/PNG, already stretched by
+# whoever made them) are only rescaled. Readers say which kind they returned.
+FLUX = "flux"
+DISPLAY = "display"
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz")
+DISPLAY_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used; the message names the file and the problem."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` only on success.
+
+    Works for files and whole directories. An existing ``path`` is replaced only after the new
+    one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            old = tmp / ".old"
+            path.rename(old)
+            target.rename(path)
+        else:
+            target.replace(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    """Save arrays as an uncompressed ``.npz`` (no pickles: object arrays are refused)."""
+    for name, arr in arrays.items():
+        if np.asarray(arr).dtype == object:
+            raise TypeError(f"array '{name}' has dtype object; it would need pickling")
+    with Path(path).open("wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def image_kind(path: Path) -> str:
+    name = str(path).lower()
+    if name.endswith(FITS_SUFFIXES):
+        return FLUX
+    if name.endswith(DISPLAY_SUFFIXES):
+        return DISPLAY
+    raise ImageError(f"{path}: unsupported image type; use one of "
+                     f"{list(FITS_SUFFIXES + DISPLAY_SUFFIXES)}")
+
+
+def read_image(path: Path, bands: tuple[str, ...] = ("i", "r", "g")) -> tuple[np.ndarray, str]:
+    """Read one cutout as a float32 ``(H, W, 3)`` array in display (R, G, B) order.
+
+    FITS cutouts hold one image extension per band (EXTNAME g, r, i, as SDSS frames are split by
+    band) or a single ``(3, H, W)`` cube; ``bands`` maps them to R, G, B (SDSS convention:
+    i, r, g). Returns the array and its kind (:data:`FLUX` or :data:`DISPLAY`).
+    """
+    path = Path(path)
+    kind = image_kind(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: file is empty")
+    try:
+        data = _read_fits(path, bands) if kind == FLUX else _read_display(path)
+    except ImageError:
+        raise
+    except Exception as err:  # any decoder failure means a corrupt or truncated file
+        raise ImageError(f"{path}: cannot decode ({type(err).__name__}: {err})") from None
+    if data.ndim != 3 or data.shape[2] != 3:
+        raise ImageError(f"{path}: expected 3 bands/channels, got shape {data.shape}")
+    if not np.all(np.isfinite(data)):
+        n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise ImageError(f"{path}: {n_bad} NaN or inf pixels")
+    return data, kind
+
+
+def _read_fits(path: Path, bands: tuple[str, ...]) -> np.ndarray:
+    """Read from bytes in memory (cutouts are small), with astropy's warnings made errors.
+
+    A truncated or malformed file is an error here, never a silently half-read image.
+    """
+    import io
+    import warnings
+
+    from astropy.io import fits
+    from astropy.utils.exceptions import AstropyWarning
+
+    raw = path.read_bytes()
+    if len(raw) % 2880:
+        raise ImageError(f"{path}: truncated FITS file ({len(raw)} bytes is not a multiple of "
+                         "the 2880-byte FITS block)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AstropyWarning)
+        with fits.open(io.BytesIO(raw), memmap=False) as hdul:
+            return _fits_planes(path, hdul, bands)
+
+
+def _fits_planes(path: Path, hdul, bands: tuple[str, ...]) -> np.ndarray:
+    """Band extensions by name (g, r, i), else the first (3, H, W) or (H, W) image."""
+    names = {h.name.lower(): h for h in hdul if h.data is not None}
+    if all(b.lower() in names for b in bands):
+        planes = [np.asarray(names[b.lower()].data, dtype=np.float32) for b in bands]
+        return np.stack(planes, axis=-1)
+    cube = next((h.data for h in hdul if h.data is not None), None)
+    if cube is None:
+        raise ImageError(f"{path}: FITS file holds no image data")
+    cube = np.asarray(cube, dtype=np.float32)
+    if cube.ndim == 2:
+        return np.repeat(cube[..., None], 3, axis=-1)
+    if cube.ndim == 3 and cube.shape[0] == 3:
+        return np.moveaxis(cube, 0, -1)
+    raise ImageError(f"{path}: FITS image of shape {cube.shape}; expected (H, W), "
+                     f"(3, H, W) or band extensions {list(bands)}")
+
+
+def _read_display(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        return np.asarray(img.convert("RGB"), dtype=np.float32)

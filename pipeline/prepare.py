@@ -1,0 +1,253 @@
+"""Stage 2, prepare: normalise to [-1, 1], split, and augment the training set.
+
+Normalisation depends on what the source delivered:
+
+* flux images (FITS counts): subtract the sigma-clipped sky of each band, apply an asinh
+  stretch softened at ``prepare.softening_sigmas`` times the sky noise (Lupton et al. 2004, the
+  stretch behind SDSS colour images), divide by the image's ``prepare.white_percentile``
+  (one scale for all three bands, so colours survive), clip to [0, 1] and map to [-1, 1];
+* display images (JPEG/PNG, already stretched): ``x / 127.5 - 1``.
+
+The split is stratified by class with its own seed. Augmented copies are made from training
+galaxies only and keep their original's ``objid``, so no galaxy's copies cross splits.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from astropy.stats import sigma_clipped_stats
+from omegaconf import DictConfig, OmegaConf
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+from pipeline.augment import augment_copies
+from pipeline.config import stage_main
+from pipeline.io import (
+    FLUX,
+    ImageError,
+    atomic_path,
+    atomic_write_json,
+    read_image,
+    save_arrays,
+)
+from pipeline.labels import LabelScheme
+from pipeline.sources import CATALOG_COLUMNS, CATALOG_NAME
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+META_NAME = "meta.json"
+
+
+class DataError(ValueError):
+    """The data cannot be prepared as configured; the message says which file and why."""
+
+
+def normalize_flux(images: np.ndarray, softening_sigmas: float, white_percentile: float
+                   ) -> np.ndarray:
+    """Asinh-stretch a batch of sky-subtracted or raw flux images into [-1, 1]."""
+    _, median, std = sigma_clipped_stats(images, axis=(1, 2), sigma=3.0, maxiters=5)
+    noise = np.nanmean(std, axis=1)  # one softening per image keeps the bands' ratios
+    noise = np.where(np.isfinite(noise) & (noise > 0), noise, 1.0)
+    beta = softening_sigmas * noise[:, None, None, None]
+    stretched = np.arcsinh((images - median[:, None, None, :]) / beta)
+    white = np.percentile(stretched, white_percentile, axis=(1, 2, 3))
+    white = np.where(white > 0, white, 1.0)[:, None, None, None]
+    return (2.0 * np.clip(stretched / white, 0.0, 1.0) - 1.0).astype(np.float32)
+
+
+def normalize_display(images: np.ndarray) -> np.ndarray:
+    """8-bit display images to [-1, 1]."""
+    return (images.astype(np.float32) / 127.5 - 1.0).clip(-1.0, 1.0)
+
+
+def crop_and_resize(images: np.ndarray, center_crop: float, size: int) -> np.ndarray:
+    """Keep the central ``center_crop`` of each side, then resize to ``size`` (antialiased)."""
+    import keras
+
+    h, w = images.shape[1:3]
+    ch, cw = max(1, round(h * center_crop)), max(1, round(w * center_crop))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    cropped = images[:, top:top + ch, left:left + cw, :]
+    if (ch, cw) == (size, size):
+        return cropped.astype(np.float32)
+    out = keras.ops.image.resize(cropped.astype(np.float32), (size, size),
+                                 interpolation="bilinear", antialias=True,
+                                 data_format="channels_last")
+    return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
+
+
+def read_catalog(raw: Path, scheme: LabelScheme) -> pd.DataFrame:
+    path = raw / CATALOG_NAME
+    if not path.is_file():
+        raise DataError(f"{path}: catalog not found; run the fetch stage first")
+    catalog = pd.read_csv(path, dtype={"objid": str, "label": str, "file": str})
+    missing = [c for c in CATALOG_COLUMNS if c not in catalog.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; a catalog needs "
+                        f"{list(CATALOG_COLUMNS)}")
+    unknown = sorted(set(catalog["label"]) - set(scheme.classes))
+    if unknown:
+        raise DataError(f"{path}: labels {unknown} are not in data.classes "
+                        f"{list(scheme.classes)}")
+    if catalog.empty:
+        raise DataError(f"{path}: the catalog has no galaxies")
+    return catalog
+
+
+def load_images(catalog: pd.DataFrame, raw: Path, cfg: DictConfig
+                ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Read, crop, resize and normalise every cutout; return images, kept row mask, skips."""
+    size, crop = int(cfg.prepare.image_size), float(cfg.prepare.center_crop)
+    out = np.empty((len(catalog), size, size, 3), dtype=np.float32)
+    kept = np.zeros(len(catalog), dtype=bool)
+    skipped: list[dict] = []
+    pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+
+    def flush(key: tuple) -> None:
+        rows = pending.pop(key, [])
+        if not rows:
+            return
+        idx = np.array([i for i, _ in rows])
+        batch = crop_and_resize(np.stack([img for _, img in rows]), crop, size)
+        if key[0] == FLUX:
+            batch = normalize_flux(batch, cfg.prepare.softening_sigmas,
+                                   cfg.prepare.white_percentile)
+        else:
+            batch = normalize_display(batch)
+        out[idx] = batch
+        kept[idx] = True
+
+    for i, rel in enumerate(tqdm(catalog["file"], desc="read cutouts", unit="img")):
+        try:
+            image, kind = read_image(raw / rel)
+        except ImageError as err:
+            skipped.append({"objid": catalog["objid"].iloc[i], "file": rel, "reason": str(err)})
+            continue
+        key = (kind, image.shape)
+        pending.setdefault(key, []).append((i, image))
+        if len(pending[key]) >= 256:
+            flush(key)
+    for key in list(pending):
+        flush(key)
+    return out, kept, skipped
+
+
+def stratified_split(labels: np.ndarray, split: DictConfig, classes: tuple[str, ...]
+                     ) -> dict[str, np.ndarray]:
+    """Indices of train/val/test, stratified by class, from ``prepare.split.seed``."""
+    counts = np.bincount(labels, minlength=len(classes))
+    too_few = {classes[k]: int(c) for k, c in enumerate(counts) if 0 < c < 3}
+    if too_few:
+        raise DataError(f"classes {too_few} have fewer than 3 galaxies; a stratified "
+                        "train/val/test split needs at least 3 per class")
+    index = np.arange(len(labels))
+    train, rest = train_test_split(index, train_size=split.train, stratify=labels,
+                                   random_state=split.seed)
+    val_share = split.val / (split.val + split.test)
+    val, test = train_test_split(rest, train_size=val_share, stratify=labels[rest],
+                                 random_state=split.seed)
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def save_augmentation_grid(originals: np.ndarray, copies: list[np.ndarray], path: Path) -> None:
+    """Originals in the first column, their augmented copies beside them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows, n_cols = len(originals), 1 + len(copies)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols, 1.6 * n_rows), squeeze=False)
+    for r in range(n_rows):
+        for c in range(n_cols):
+            img = originals[r] if c == 0 else copies[c - 1][r]
+            ax = axes[r, c]
+            ax.imshow((img + 1) / 2, origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("original" if c == 0 else f"augmented {c}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Prepare ``paths.raw`` into ``paths.prepared``; returns the metadata written."""
+    raw, prepared = Path(cfg.paths.raw), Path(cfg.paths.prepared)
+    scheme = LabelScheme.from_names(cfg.data.classes)
+    catalog = read_catalog(raw, scheme)
+    images, kept, skipped = load_images(catalog, raw, cfg)
+    if skipped:
+        log.warning("skipped %d unreadable cutout(s); see skipped.csv. First: %s",
+                    len(skipped), skipped[0]["reason"])
+    if not kept.any():
+        raise DataError(f"{raw}: none of the {len(catalog)} cutouts could be read")
+    catalog, images = catalog[kept].reset_index(drop=True), images[kept]
+    labels = scheme.encode(catalog["label"].tolist())
+    split = stratified_split(labels, cfg.prepare.split, scheme.classes)
+
+    grid_n = min(int(cfg.prepare.grid_examples), len(split["train"]))
+    with atomic_path(prepared) as tmp:
+        tmp.mkdir(parents=True)
+        for name in SPLITS:
+            idx = split[name]
+            x, y = images[idx], labels[idx]
+            objid = catalog["objid"].to_numpy(dtype=str)[idx]
+            augmented = np.zeros(len(idx), dtype=bool)
+            if name == "train" and cfg.augment.copies > 0:
+                copies, source = augment_copies(x, cfg.augment, seed=int(cfg.seed))
+                x = np.concatenate([x, copies])
+                y = np.concatenate([y, y[source]])
+                objid = np.concatenate([objid, objid[source]])
+                augmented = np.concatenate([augmented, np.ones(len(copies), dtype=bool)])
+            save_arrays(tmp / f"{name}.npz", images=x.astype(np.float16), labels=y,
+                        objid=objid, augmented=augmented)
+        # The picture grid: a few training galaxies beside fresh copies drawn with the same config.
+        train_labels = labels[split["train"]]
+        by_class = [split["train"][train_labels == k] for k in range(scheme.n_classes)]
+        picks = [idx[r] for r in range(grid_n) for idx in by_class if r < len(idx)][:grid_n]
+        grid_src = images[np.array(picks)]
+        grid_copies = [augment_copies(grid_src, OmegaConf.merge(cfg.augment, {"copies": 1}),
+                                      seed=int(cfg.seed) + k)[0] for k in range(1, 5)]
+        save_augmentation_grid(grid_src, grid_copies, tmp / "augmentations.png")
+        pd.DataFrame(skipped, columns=["objid", "file", "reason"]).to_csv(
+            tmp / "skipped.csv", index=False)
+        meta = {
+            "classes": list(scheme.classes),
+            "image_size": int(cfg.prepare.image_size),
+            "center_crop": float(cfg.prepare.center_crop),
+            "normalization": "asinh stretch to [-1, 1] (flux) | x/127.5-1 (display)",
+            "source": str(cfg.data.source),
+            "n_skipped": len(skipped),
+            "splits": {
+                name: {
+                    "galaxies": len(split[name]),
+                    "per_class": {c: int((labels[split[name]] == k).sum())
+                                  for k, c in enumerate(scheme.classes)},
+                }
+                for name in SPLITS
+            },
+            "augmented_copies_per_galaxy": int(cfg.augment.copies),
+        }
+        atomic_write_json(tmp / META_NAME, meta)
+    log.info("prepared %s: %s", prepared,
+             {k: v["galaxies"] for k, v in meta["splits"].items()})
+    return meta
+
+
+def load_split(prepared: Path, name: str) -> dict[str, np.ndarray]:
+    from pipeline.io import load_arrays
+
+    return load_arrays(Path(prepared) / f"{name}.npz")
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

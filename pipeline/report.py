@@ -1,0 +1,251 @@
+"""Stage 5, report: a model card per model (Mitchell et al. 2019 sections) and a comparison.
+
+Cards are rendered with Jinja2 into Markdown, then into one standalone HTML file each with the
+figures embedded, plus a JSON file with the same fields for machines.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from omegaconf import DictConfig
+
+from pipeline.config import stage_main
+from pipeline.io import atomic_path, atomic_write_json
+from pipeline.labels import LabelScheme
+from pipeline.prepare import META_NAME
+from pipeline.train import MODEL_NAME, SUMMARY_NAME
+
+log = logging.getLogger(__name__)
+
+METRIC_ROWS = [("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
+               ("macro_f1", "macro-F1"), ("roc_auc_ovr", "ROC AUC (one-vs-rest, macro)"),
+               ("log_loss", "log loss")]
+BOOTSTRAP_N = 1000
+PACKAGES = ("tensorflow", "keras", "numpy", "astropy", "scikit-learn", "hydra-core", "dvc")
+SOURCE_DESCRIPTIONS = {
+    "mock": "simulated SDSS-like gri galaxies rendered by the pipeline from Sersic profiles, "
+            "with PSF, sky and Poisson noise",
+}
+
+
+def bootstrap_intervals(predictions: pd.DataFrame, classes: list[str], n: int = BOOTSTRAP_N,
+                        seed: int = 0) -> dict[str, list[float]]:
+    """95% percentile-bootstrap intervals of accuracy, balanced accuracy and macro-F1.
+
+    Computed from one confusion matrix per resample (a bincount) rather than by calling
+    scikit-learn's scorers n times: a thousand resamples take milliseconds, and resamples of
+    a small test set that miss a class follow sklearn's conventions (balanced accuracy averages
+    the classes present; F1 of an empty class is 0) without a warning per resample.
+    """
+    scheme = LabelScheme.from_names(classes)
+    k = scheme.n_classes
+    y, p = scheme.encode(predictions["actual"]), scheme.encode(predictions["predicted"])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(y), size=(n, len(y)))
+    cells = (y[idx] * k + p[idx]) + (np.arange(n) * k * k)[:, None]
+    cm = np.bincount(cells.ravel(), minlength=n * k * k).reshape(n, k, k).astype(float)
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    actual, predicted = cm.sum(axis=2), cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(actual > 0, tp / actual, np.nan)
+        f1 = np.where(actual + predicted > 0, 2 * tp / (actual + predicted), 0.0)
+    scores = {
+        "accuracy": tp.sum(axis=1) / len(y),
+        "balanced_accuracy": np.nanmean(recall, axis=1),
+        "macro_f1": f1.mean(axis=1),
+    }
+    return {name: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+            for name, v in scores.items()}
+
+
+def diagnose_overfitting(history: pd.DataFrame, best_epoch: int) -> str:
+    """A plain-words reading of the learning curves."""
+    best = history.loc[history["epoch"] == best_epoch].iloc[0]
+    last = history.iloc[-1]
+    gap = best["val_loss"] - best["loss"]
+    rise = last["val_loss"] - best["val_loss"]
+    if best["accuracy"] < 0.8:
+        return (f"underfitting: training accuracy is only {best['accuracy']:.2f} at the best "
+                "epoch; a larger model, more epochs or a higher learning rate may help.")
+    if rise > 0.1 * max(best["val_loss"], 1e-3) and last["loss"] < best["loss"]:
+        return (f"the model began to overfit after epoch {best_epoch}: validation loss rose by "
+                f"{rise:.3f} while training loss kept falling. Early stopping restored the "
+                f"weights of epoch {best_epoch}.")
+    if gap > 0.25 * max(best["val_loss"], 1e-3) + 0.05:
+        return (f"a train-validation loss gap of {gap:.3f} at the best epoch suggests mild "
+                "overfitting; more augmentation, dropout or L2 would narrow it.")
+    return (f"no sign of overfitting: training and validation loss stay close (gap {gap:+.3f}) "
+            f"up to the best epoch ({best_epoch}).")
+
+
+def environment(cfg: DictConfig) -> dict:
+    packages = {}
+    for name in PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = "not installed"
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = "unknown (not a git checkout)"
+    return {"packages": packages, "git_revision": rev, "seed": int(cfg.seed),
+            "train_seed": int(cfg.train.seed), "python": platform.python_version(),
+            "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"}
+
+
+def _relative(target: Path, start: Path) -> str:
+    return Path(os.path.relpath(target, start)).as_posix()
+
+
+def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> dict:
+    mc = cfg.models[name]
+    reports = Path(cfg.paths.reports) / name
+    model_dir = Path(cfg.paths.models) / name
+    metrics = json.loads((reports / "metrics.json").read_text())
+    summary = json.loads((model_dir / SUMMARY_NAME).read_text())
+    history = pd.read_csv(model_dir / "history.csv")
+    predictions = pd.read_csv(reports / "predictions.csv", dtype={"objid": str})
+    if mc.kind == "cnn":
+        architecture = (f"{len(mc.filters)} conv blocks (filters {list(mc.filters)}, kernel "
+                        f"{mc.kernel_size}, padding '{mc.padding}', {mc.activation}"
+                        f"{', batch norm' if mc.batch_norm else ''}, max-pool {mc.pool_size}), "
+                        f"global average pooling, dropout {mc.dropout}, dense {mc.dense_units}, "
+                        f"softmax; L2 {mc.l2}.")
+        kind_label = "CNN trained from scratch"
+    else:
+        architecture = (f"{mc.backbone} (alpha {mc.alpha}) backbone at {mc.input_size or 'native'}"
+                        f" px input, global average pooling, dropout {mc.dropout}, dense "
+                        f"{mc.dense_units}, softmax; L2 {mc.l2} on the head.")
+        kind_label = "transfer-learned CNN" if summary["pretrained"] else (
+            "CNN with a randomly initialised backbone (NOT pretrained)")
+    caveats = []
+    if cfg.data.source == "mock":
+        caveats.append("Trained and tested on simulated galaxies: real SDSS images have "
+                       "artefacts, blends, irregulars and label noise that the mock lacks.")
+    if summary["pretrained"] is False:
+        caveats.append("The backbone is not pretrained (no ImageNet weights could be loaded).")
+    if metrics["n_test"] < 500:
+        caveats.append(f"The test split is small ({metrics['n_test']} galaxies): the 95% "
+                       "intervals above show how uncertain each figure is.")
+    figures = {k: _relative(reports / "figures" / f"{k}.png", cards)
+               for k in ("learning_curves", "confusion_matrix", "roc")}
+    return {
+        "name": name,
+        "kind": mc.kind,
+        "kind_label": kind_label,
+        "architecture": architecture,
+        "parameters": summary["parameters"],
+        "input_shape": summary["input_shape"],
+        "backbone": mc.backbone if mc.kind == "transfer" else None,
+        "weights": summary["weights"],
+        "pretrained": summary["pretrained"],
+        "phases": summary["phases"],
+        "train_images": summary["train_images"],
+        "class_weight_mode": cfg.train.class_weight,
+        "patience": cfg.train.early_stopping_patience,
+        "model_path": (model_dir / MODEL_NAME).as_posix(),
+        "metrics": metrics,
+        "ci": bootstrap_intervals(predictions, data_meta["classes"]),
+        "overfitting": diagnose_overfitting(history, metrics["best_epoch"]),
+        "caveats": caveats,
+        "figures": figures,
+    }
+
+
+def data_context(cfg: DictConfig, data_meta: dict) -> dict:
+    a = cfg.augment
+    if a.copies > 0:
+        augment = (f"{a.copies} copies per galaxy; rotation ±{a.rotation_degrees}°, zoom "
+                   f"±{a.zoom:.0%}, random crop to ≥{a.crop_fraction:.0%} of the side, "
+                   f"{'flips, ' if a.flip else ''}Gaussian blur σ ≤ {a.blur_sigma} px on "
+                   f"{a.blur_probability:.0%} of copies")
+    else:
+        augment = "none"
+    s = cfg.prepare.split
+    return {
+        "source": cfg.data.source,
+        "source_description": SOURCE_DESCRIPTIONS.get(cfg.data.source, cfg.data.source),
+        "splits": data_meta["splits"],
+        "split_seed": int(s.seed),
+        "split_fractions": f"{s.train:.0%} / {s.val:.0%} / {s.test:.0%}",
+        "augment_description": augment,
+    }
+
+
+def _markdown_to_html(markdown_text: str, title: str, base: Path, env: Environment) -> str:
+    """Markdown to one standalone HTML page, every image embedded as a data URI."""
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+
+    def embed(match: re.Match) -> str:
+        path = (base / match.group(1)).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: figure referenced by the model card is missing")
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"]+\.png)"', embed, body)
+    return env.get_template("page.html.j2").render(title=title, body=body)
+
+
+def run(cfg: DictConfig) -> list[Path]:
+    reports = Path(cfg.paths.reports)
+    prepared = Path(cfg.paths.prepared)
+    data_meta = json.loads((prepared / META_NAME).read_text())
+    cards = reports / "cards"
+    env = Environment(loader=PackageLoader("pipeline", "templates"), undefined=StrictUndefined,
+                      autoescape=False, trim_blocks=False)
+    common = {
+        "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "env": environment(cfg),
+        "classes": data_meta["classes"],
+        "metric_rows": METRIC_ROWS,
+        "bootstrap_n": BOOTSTRAP_N,
+        "data": data_context(cfg, data_meta),
+    }
+    written = []
+    with atomic_path(cards) as tmp:
+        tmp.mkdir(parents=True)
+        # Relative links are computed against the final folder, which tmp becomes.
+        contexts = [model_context(cfg, name, cards, data_meta) for name in cfg.models]
+        grid = _relative(prepared / "augmentations.png", cards)
+        for m in contexts:
+            text = env.get_template("model_card.md.j2").render(
+                m=m, figures={**m["figures"], "augmentations": grid}, **common)
+            (tmp / f"{m['name']}.md").write_text(text, encoding="utf-8")
+            html = _markdown_to_html(text, f"Model card: {m['name']}", cards, env)
+            (tmp / f"{m['name']}.html").write_text(html, encoding="utf-8")
+            card_json = {k: v for k, v in m.items() if k != "figures"}
+            card_json.update({"generated": common["generated"], "environment": common["env"],
+                              "data": common["data"], "classes": common["classes"]})
+            atomic_write_json(tmp / f"{m['name']}.json", card_json)
+            written += [cards / f"{m['name']}.{ext}" for ext in ("md", "html", "json")]
+        text = env.get_template("comparison.md.j2").render(models=contexts, **common)
+        (tmp / "comparison.md").write_text(text, encoding="utf-8")
+        (tmp / "comparison.html").write_text(
+            _markdown_to_html(text, "Model comparison", cards, env), encoding="utf-8")
+        written += [cards / "comparison.md", cards / "comparison.html"]
+    log.info("wrote %d model-card files to %s", len(written), cards)
+    return written
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Stage 3, train: one training path for every model; the builder is the only difference.
+
+Every epoch scores the validation split. Early stopping restores the best weights, the best
+weights are also checkpointed (across phases, so fine-tuning that makes things worse is
+undone), the learning rate is cut on plateaus, and a per-epoch CSV records losses, metrics,
+learning rate, wall time and images per second. The run's state lives in ``paths.backup``
+while it trains, so a killed run resumes from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import stage_main
+from pipeline.io import atomic_path, atomic_write_json
+from pipeline.labels import LabelScheme
+from pipeline.models import BuiltModel, build_model, set_trainable_from
+from pipeline.prepare import META_NAME, load_split
+
+log = logging.getLogger(__name__)
+
+HISTORY_NAME = "history.csv"
+MODEL_NAME = "model.keras"
+SUMMARY_NAME = "train_summary.json"
+
+
+def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int):
+    """A tf.data pipeline: (re)shuffled every epoch, batched, cast to float32, prefetched."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32), b),
+                                  num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def epoch_stats_callback(phase: int, n_images: int):
+    """Adds learning rate, phase number, wall time and throughput to each epoch's logs.
+
+    Keras averages log values, so the phase goes in as its 1-based number; the final
+    ``history.csv`` also names it.
+    """
+    import keras
+
+    class EpochStats(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is None:
+                return
+            seconds = time.perf_counter() - self._start
+            logs["learning_rate"] = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            logs["epoch_time_s"] = round(seconds, 3)
+            logs["images_per_s"] = round(n_images / seconds, 1)
+            logs["phase"] = float(phase)
+
+    return EpochStats()
+
+
+def config_fingerprint(cfg: DictConfig, name: str) -> str:
+    """What a resumed run must share with the killed one: data, model and training params."""
+    relevant = {k: OmegaConf.to_container(cfg[k], resolve=True)
+                for k in ("data", "prepare", "augment", "train")}
+    relevant["model"] = OmegaConf.to_container(cfg.models[name], resolve=True)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_state_dir(state: Path, fingerprint: str) -> bool:
+    """Reuse the state of a killed run with the same config; returns True when resuming."""
+    stamp = state / "fingerprint.txt"
+    if state.is_dir() and stamp.is_file() and stamp.read_text().strip() == fingerprint:
+        return True
+    if state.exists():
+        log.info("discarding training state in %s from a different config", state)
+        shutil.rmtree(state)
+    state.mkdir(parents=True)
+    stamp.write_text(fingerprint)
+    return False
+
+
+def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
+               class_weight: dict | None) -> list[dict]:
+    """Run the builder's phases in order through one ``fit`` loop; returns per-phase records."""
+    import keras
+
+    t = cfg.train
+    model = built.model
+    x_train, y_train = data["train"]
+    x_val, y_val = data["val"]
+    train_ds = make_dataset(x_train, y_train, t.batch_size, True, t.seed)
+    val_ds = make_dataset(x_val, y_val, t.batch_size, False, t.seed)
+    best_weights = state / "best.weights.h5"
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        best_weights, monitor="val_loss", save_best_only=True, save_weights_only=True)
+    records, epoch = [], 0
+    for number, phase in enumerate(built.phases, start=1):
+        done = state / f"{phase.name}.done.json"
+        if done.is_file():  # finished before an interruption: restore its end state and move on
+            record = json.loads(done.read_text())
+            records.append(record)
+            epoch = record["last_epoch"]
+            checkpoint.best = record["best_val_loss_so_far"]
+            log.info("phase %s already finished in an earlier run; skipping", phase.name)
+            continue
+        if phase.trainable_from is not None and built.backbone_name:
+            if best_weights.is_file():
+                model.load_weights(best_weights)  # fine-tune from the best frozen-phase weights
+            set_trainable_from(model, built.backbone_name, phase.trainable_from)
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=phase.learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        callbacks = [
+            keras.callbacks.BackupAndRestore(str(state / f"backup_{phase.name}")),
+            epoch_stats_callback(number, len(x_train)),
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.early_stopping_patience,
+                                          min_delta=t.early_stopping_min_delta,
+                                          restore_best_weights=True, verbose=1),
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=t.reduce_lr_factor,
+                                              patience=t.reduce_lr_patience,
+                                              min_delta=t.early_stopping_min_delta, verbose=1),
+            checkpoint,
+            keras.callbacks.CSVLogger(str(state / HISTORY_NAME), append=True),
+        ]
+        log.info("phase %s: up to %d epochs at learning rate %g (%d trainable weights)",
+                 phase.name, phase.epochs, phase.learning_rate, len(model.trainable_weights))
+        history = model.fit(train_ds, validation_data=val_ds, initial_epoch=epoch,
+                            epochs=epoch + phase.epochs, callbacks=callbacks,
+                            class_weight=class_weight, verbose=t.verbose,
+                            shuffle=False)  # the tf.data pipeline reshuffles every epoch
+        epoch += len(history.epoch) if history.epoch else 0
+        record = {"phase": phase.name, "learning_rate": phase.learning_rate,
+                  "epochs_run": len(history.epoch), "last_epoch": epoch,
+                  "best_val_loss_so_far": float(checkpoint.best)}
+        records.append(record)
+        done.write_text(json.dumps(record))
+    if best_weights.is_file():
+        model.load_weights(best_weights)
+    return records
+
+
+def run(cfg: DictConfig, name: str | None = None) -> dict:
+    """Train ``models[name]`` (default: ``cfg.model``) on the prepared data."""
+    import keras
+    import pandas as pd
+    from sklearn.utils.class_weight import compute_class_weight
+
+    name = name or cfg.model
+    mc = cfg.models[name]
+    t = cfg.train
+    prepared = Path(cfg.paths.prepared)
+    meta = json.loads((prepared / META_NAME).read_text())
+    scheme = LabelScheme.from_names(meta["classes"])
+    keras.utils.set_random_seed(int(t.seed))
+    if t.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    data = {"train": (train["images"], train["labels"]), "val": (val["images"], val["labels"])}
+    input_shape = tuple(int(s) for s in train["images"].shape[1:])
+    class_weight = None
+    if t.class_weight == "balanced":
+        present = np.unique(train["labels"])
+        weights = compute_class_weight("balanced", classes=present, y=train["labels"])
+        class_weight = {int(c): float(w) for c, w in zip(present, weights, strict=True)}
+
+    built = build_model(mc, input_shape, scheme.n_classes, t, name=name)
+    log.info("training %s (%s, %d parameters) on %d images, validating on %d", name, mc.kind,
+             built.model.count_params(), len(train["labels"]), len(val["labels"]))
+    state = Path(cfg.paths.backup) / name
+    resumed = prepare_state_dir(state, config_fingerprint(cfg, name))
+    if resumed:
+        log.info("resuming %s from the state left in %s", name, state)
+    started = time.perf_counter()
+    records = fit_phases(built, data, cfg, state, class_weight)
+    wall = time.perf_counter() - started
+
+    history = pd.read_csv(state / HISTORY_NAME)
+    history["epoch"] = history["epoch"] + 1  # 1-based, as Keras prints them
+    history["phase"] = [built.phases[int(p) - 1].name for p in history["phase"]]
+    best = history.loc[history["val_loss"].idxmin()]
+    summary = {
+        "model": name,
+        "kind": mc.kind,
+        "pretrained": built.pretrained,
+        "backbone": mc.backbone if mc.kind == "transfer" else None,
+        "weights": (str(mc.weights) if mc.weights is not None else None)
+        if mc.kind == "transfer" else None,
+        "classes": list(scheme.classes),
+        "input_shape": list(input_shape),
+        "parameters": int(built.model.count_params()),
+        "train_images": len(train["labels"]),
+        "val_images": len(val["labels"]),
+        "class_weight": class_weight,
+        "phases": records,
+        "epochs": len(history),
+        "best_epoch": int(best["epoch"]),
+        "best_val_loss": float(best["val_loss"]),
+        "train_loss_at_best": float(best["loss"]),
+        "wall_time_s": round(wall, 1),
+        "resumed": resumed,
+    }
+    out = Path(cfg.paths.models) / name
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        built.model.save(tmp / MODEL_NAME)
+        history.to_csv(tmp / HISTORY_NAME, index=False)
+        OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
+        atomic_write_json(tmp / SUMMARY_NAME, summary)
+    shutil.rmtree(state, ignore_errors=True)
+    log.info("saved %s: best epoch %d, val_loss %.4f, %.0f s", out / MODEL_NAME,
+             summary["best_epoch"], summary["best_val_loss"], wall)
+    return summary
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Shared fixtures: the real conf/ composed once and shrunk to the tiny debug config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+from pipeline.config import compose, validate
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+
+def tiny_config(root: Path, *overrides: str) -> DictConfig:
+    """The tiny debug config with every output under ``root``."""
+    paths = [f"paths.{k}={root / k}" for k in ("raw", "prepared", "models", "reports", "backup")]
+    return validate(compose(["debug=tiny", *paths, *overrides]))
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path) -> DictConfig:
+    return tiny_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def prepared_tiny(tmp_path_factory: pytest.TempPathFactory) -> DictConfig:
+    """A fetched and prepared tiny mock dataset, made once per test session."""
+    from pipeline import fetch, prepare
+
+    cfg = tiny_config(tmp_path_factory.mktemp("prepared"))
+    fetch.run(cfg)
+    prepare.run(cfg)
+    return cfg
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test when that folder is not beside the checkout."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared is only beside developer checkouts and CI)")
+    return path

@@ -1,0 +1,88 @@
+"""Augmentation transforms: what they do to flux, shape and orientation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline.augment import augment_copies, blur, rotate, zoom
+from pipeline.config import AugmentConfig
+
+
+def gaussian_blob(size=48, sx=6.0, sy=2.0, dx=0.0) -> np.ndarray:
+    """An elongated Gaussian galaxy on zero sky, as a (1, H, W, 1) batch."""
+    y, x = np.indices((size, size), dtype=np.float64)
+    c = (size - 1) / 2
+    img = np.exp(-0.5 * (((x - c - dx) / sx) ** 2 + ((y - c) / sy) ** 2))
+    return img[None, :, :, None].astype(np.float32)
+
+
+def second_moments(img: np.ndarray) -> tuple[float, float]:
+    y, x = np.indices(img.shape)
+    total = img.sum()
+    cx, cy = (img * x).sum() / total, (img * y).sum() / total
+    return float((img * (x - cx) ** 2).sum() / total), float((img * (y - cy) ** 2).sum() / total)
+
+
+@pytest.mark.parametrize("angle", [17.0, 45.0, 90.0, 133.0])
+def test_rotation_keeps_total_flux_within_one_percent(angle):
+    blob = gaussian_blob()
+    rotated = rotate(blob, angle)
+    assert rotated.sum() == pytest.approx(blob.sum(), rel=0.01)
+
+
+def test_rotation_by_90_degrees_turns_the_long_axis():
+    blob = gaussian_blob()
+    mxx, myy = second_moments(blob[0, :, :, 0])
+    rxx, ryy = second_moments(rotate(blob, 90.0)[0, :, :, 0])
+    assert mxx > 4 * myy
+    assert ryy == pytest.approx(mxx, rel=0.05)
+    assert rxx == pytest.approx(myy, rel=0.1)
+
+
+def test_blur_widens_a_point_source_and_keeps_its_flux():
+    point = np.zeros((1, 33, 33, 1), dtype=np.float32)
+    point[0, 16, 16, 0] = 1.0
+    blurred = blur(point, 2.0)
+    sxx, syy = second_moments(blurred[0, :, :, 0])
+    assert blurred.sum() == pytest.approx(1.0, rel=1e-4)
+    assert blurred.max() < 0.1
+    assert np.sqrt(sxx) == pytest.approx(2.0, rel=0.05)
+    assert np.sqrt(syy) == pytest.approx(2.0, rel=0.05)
+
+
+def test_blur_uses_each_images_own_sigma():
+    point = np.zeros((2, 33, 33, 1), dtype=np.float32)
+    point[:, 16, 16, 0] = 1.0
+    out = blur(point, np.array([0.0, 1.5]))
+    np.testing.assert_array_equal(out[0], point[0])
+    assert out[1].max() < 0.2
+
+
+def test_zoom_in_makes_the_galaxy_bigger_by_the_factor():
+    blob = gaussian_blob(size=64, sx=4.0, sy=4.0)
+    sxx0, _ = second_moments(blob[0, :, :, 0])
+    sxx1, _ = second_moments(zoom(blob, 1.5)[0, :, :, 0])
+    assert np.sqrt(sxx1 / sxx0) == pytest.approx(1.5, rel=0.05)
+
+
+def test_random_copies_are_reproducible_bounded_and_different():
+    cfg = OmegaConf.structured(AugmentConfig)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (10, 32, 32, 3)).astype(np.float32)
+    a, src_a = augment_copies(images, cfg, seed=5)
+    b, _ = augment_copies(images, cfg, seed=5)
+    c, _ = augment_copies(images, cfg, seed=6)
+    assert a.shape == (20, 32, 32, 3)
+    np.testing.assert_array_equal(src_a, np.tile(np.arange(10), 2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.min() >= -1.0 and a.max() <= 1.0
+
+
+def test_no_copies_when_augmentation_is_off():
+    cfg = OmegaConf.merge(OmegaConf.structured(AugmentConfig), {"copies": 0})
+    copies, sources = augment_copies(np.zeros((4, 16, 16, 3), np.float32), cfg, seed=0)
+    assert copies.shape == (0, 16, 16, 3)
+    assert sources.shape == (0,)

@@ -1,0 +1,78 @@
+"""Config composition, the params.yaml that DVC reads, and validation of bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from pipeline.config import ConfigError, compose, validate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_default_config_composes_both_models():
+    cfg = validate(compose())
+    assert set(cfg.models) == {"cnn", "transfer"}
+    assert cfg.models.cnn.kind == "cnn"
+    assert cfg.models.transfer.kind == "transfer"
+    assert cfg.data.source == "mock"
+    assert list(cfg.data.classes) == ["elliptical", "spiral", "edge_on"]
+
+
+def test_params_yaml_equals_the_composed_conf():
+    """DVC stages read params.yaml; it must be conf/ composed (`python -m pipeline.config`)."""
+    composed = OmegaConf.to_container(compose(), resolve=True)
+    tracked = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert tracked == composed, "params.yaml is stale: run `python -m pipeline.config`"
+
+
+@pytest.mark.parametrize("group,option", [
+    (g.name, f.stem) for g in sorted((REPO / "conf").iterdir()) if g.is_dir()
+    for f in sorted(g.glob("*.yaml"))
+])
+def test_every_config_option_composes_and_validates(group, option):
+    key = {"models": "models@models.cnn"}.get(group, group)
+    cfg = validate(compose([f"{key}={option}"]))
+    assert cfg.data.source in ("mock",)
+
+
+def test_augment_none_turns_every_transform_off():
+    a = validate(compose(["augment=none"])).augment
+    assert a.copies == 0 and a.rotation_degrees == 0 and a.blur_sigma == 0 and not a.flip
+
+
+def test_dot_overrides_reach_one_model_only():
+    cfg = validate(compose(["models.cnn.dropout=0.5"]))
+    assert cfg.models.cnn.dropout == 0.5
+    assert cfg.models.transfer.dropout == 0.3
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.learning_rate=-0.01", r"'train.learning_rate' = -0.01 is invalid: a positive number"),
+    ("models.transfer.backbone=resnet9000",
+     r"'models.transfer.backbone' = 'resnet9000' is invalid: one of \['mobilenet_v2', "),
+    ("models.cnn.padding=full", r"'models.cnn.padding' = 'full' is invalid: one of \['valid'"),
+    ("models.cnn.activation=relux", r"'models.cnn.activation' = 'relux' is invalid"),
+    ("prepare.split.test=0.3", r"'prepare.split' = .* three positive fractions that sum to 1"),
+    ("model=resnet", r"'model' = 'resnet' is invalid: one of \['cnn', 'transfer'\]"),
+    ("augment.zoom=1.5", r"'augment.zoom' = 1.5 is invalid"),
+])
+def test_bad_values_are_refused_with_key_value_and_choices(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose([override]))
+
+
+def test_unknown_key_is_refused_by_name():
+    cfg = compose()
+    OmegaConf.set_struct(cfg, False)
+    cfg.train.learnig_rate = 0.1  # a typo
+    with pytest.raises(ConfigError, match=r"'train.learnig_rate'"):
+        validate(cfg)
+
+
+def test_wrong_type_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"'train.epochs'"):
+        validate(compose(["train.epochs=many"]))

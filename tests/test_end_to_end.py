@@ -1,0 +1,119 @@
+"""The whole pipeline on the tiny config: through run(), through the CLI, and through DVC."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline import evaluate, report, train
+from pipeline.config import compose
+from tests.conftest import REPO
+
+STAGE_FILES = ("pipeline", "conf", "dvc.yaml", "pyproject.toml")
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_trains_evaluates_and_reports_both_models(prepared_tiny):
+    cfg = prepared_tiny
+    for name in ("cnn", "transfer"):
+        summary = train.run(cfg, name)
+        model_dir = Path(cfg.paths.models) / name
+        assert (model_dir / "model.keras").is_file()
+        history = pd.read_csv(model_dir / "history.csv")
+        for column in ("epoch", "loss", "accuracy", "val_loss", "val_accuracy",
+                       "learning_rate", "epoch_time_s", "images_per_s", "phase"):
+            assert column in history.columns
+        resolved = yaml.safe_load((model_dir / "config.yaml").read_text())
+        assert resolved["models"][name] == dict(cfg.models[name])
+        metrics = evaluate.run(cfg, name)
+        assert 0.0 <= metrics["accuracy"] <= 1.0
+        assert set(metrics["per_class"]) == {"elliptical", "spiral", "edge_on"}
+        on_disk = json.loads((Path(cfg.paths.reports) / name / "metrics.json").read_text())
+        assert on_disk["accuracy"] == metrics["accuracy"]
+        assert on_disk["pretrained"] == summary["pretrained"]
+    assert json.loads((Path(cfg.paths.reports) / "transfer" / "metrics.json").read_text())[
+        "pretrained"] is False
+    assert len(pd.read_csv(Path(cfg.paths.models) / "transfer" / "history.csv")) == 2
+
+    report.run(cfg)
+    cards = Path(cfg.paths.reports) / "cards"
+    transfer_card = (cards / "transfer.md").read_text()
+    # A model without pretrained weights says so in its first lines.
+    assert "WITHOUT pretrained weights" in "\n".join(transfer_card.splitlines()[:4])
+    for section in ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data",
+                    "Training data", "Quantitative analyses", "Ethical considerations",
+                    "Caveats and recommendations"):
+        assert f"## {section}" in transfer_card
+    html = (cards / "cnn.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 4  # grid, curves, matrix, ROC
+    assert "WITHOUT pretrained" not in html
+    comparison = (cards / "comparison.md").read_text()
+    assert "| accuracy |" in comparison and "cnn" in comparison and "transfer" in comparison
+
+
+def test_stage_cli_refuses_a_bad_value_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "train.learning_rate=-0.5",
+         f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    out = result.stdout + result.stderr
+    assert "config key 'train.learning_rate' = -0.5 is invalid: a positive number" in out
+    assert "Traceback" not in out
+
+
+def run_dvc(project: Path, *args: str) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def ran_stages(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines()
+            if line.startswith("Running stage '")]
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_changed(tmp_path):
+    if shutil.which("git") is None:
+        pytest.skip("git is needed for a DVC project")
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in STAGE_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, project / name)
+    params = compose(["debug=tiny"])
+    from omegaconf import OmegaConf
+
+    (project / "params.yaml").write_text(OmegaConf.to_yaml(params))
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    run_dvc(project, "init", "-q")
+
+    first = ran_stages(run_dvc(project, "repro"))
+    assert first[:2] == ["fetch", "prepare"]
+    assert set(first) == {"fetch", "prepare", "train@cnn", "train@transfer", "evaluate@cnn",
+                          "evaluate@transfer", "report"}
+    assert (project / "reports" / "cards" / "comparison.html").is_file()
+
+    assert ran_stages(run_dvc(project, "repro")) == []
+
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    p["augment"]["rotation_degrees"] = 90
+    (project / "params.yaml").write_text(yaml.safe_dump(p))
+    third = ran_stages(run_dvc(project, "repro"))
+    assert "fetch" not in third
+    assert third[0] == "prepare"
+    assert "report" in third
