@@ -33,7 +33,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ACTIVATIONS = ("relu", "elu", "selu", "gelu", "silu", "swish", "tanh", "sigmoid",
                "leaky_relu", "mish", "softplus", "linear")
 PADDINGS = ("valid", "same")
-SOURCES = ("mock",)
+SOURCES = ("mock", "folder")
 BACKBONES = ("mobilenet_v2", "mobilenet")
 
 
@@ -65,10 +65,24 @@ class MockConfig:
 
 
 @dataclass
+class FolderConfig:
+    catalog: str | None = None
+    image_column: str = "filename"
+    label_column: str = "label"
+    id_column: str | None = None
+    ra_column: str | None = None
+    dec_column: str | None = None
+    image_root: str | None = None
+    label_map: dict[str, str] | None = None
+
+
+@dataclass
 class DataConfig:
     source: str = "mock"
     classes: list[str] = field(default_factory=lambda: ["elliptical", "spiral", "edge_on"])
+    max_bad_fraction: float = 0.05
     mock: MockConfig = field(default_factory=MockConfig)
+    folder: FolderConfig = field(default_factory=FolderConfig)
 
 
 @dataclass
@@ -178,6 +192,11 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     _require(d.source in SOURCES, "data.source", d.source, f"one of {list(SOURCES)}")
     _require(len(d.classes) >= 2 and len(set(d.classes)) == len(d.classes), "data.classes",
              list(d.classes), "at least two distinct class names")
+    _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction,
+             "a fraction in [0, 1]")
+    if d.source == "folder":
+        _require(bool(d.folder.catalog), "data.folder.catalog", d.folder.catalog,
+                 "the path to a catalog CSV (image path and label columns)")
     m = d.mock
     _require(m.n_per_class >= 1, "data.mock.n_per_class", m.n_per_class, "an integer >= 1")
     _require(m.size >= 16, "data.mock.size", m.size, "a cutout side >= 16 pixels")

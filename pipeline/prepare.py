@@ -15,6 +15,7 @@ galaxies only and keep their original's ``objid``, so no galaxy's copies cross s
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -99,12 +100,18 @@ def read_catalog(raw: Path, scheme: LabelScheme) -> pd.DataFrame:
     return catalog
 
 
-def load_images(catalog: pd.DataFrame, raw: Path, cfg: DictConfig
+def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = None
                 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Read, crop, resize and normalise every cutout; return images, kept row mask, skips."""
-    size, crop = int(cfg.prepare.image_size), float(cfg.prepare.center_crop)
-    out = np.empty((len(catalog), size, size, 3), dtype=np.float32)
-    kept = np.zeros(len(catalog), dtype=bool)
+    """Read, crop, resize and normalise cutouts as ``prep`` (a ``prepare`` config) says.
+
+    Returns the images, a mask of the ones that could be read, and a record per skipped file.
+    ``predict`` calls this with the trained model's own saved ``prepare`` config, so new
+    images get exactly the preprocessing the model was trained on.
+    """
+    size, crop = int(prep.image_size), float(prep.center_crop)
+    ids = ids if ids is not None else [str(p) for p in paths]
+    out = np.empty((len(paths), size, size, 3), dtype=np.float32)
+    kept = np.zeros(len(paths), dtype=bool)
     skipped: list[dict] = []
     pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
 
@@ -115,18 +122,17 @@ def load_images(catalog: pd.DataFrame, raw: Path, cfg: DictConfig
         idx = np.array([i for i, _ in rows])
         batch = crop_and_resize(np.stack([img for _, img in rows]), crop, size)
         if key[0] == FLUX:
-            batch = normalize_flux(batch, cfg.prepare.softening_sigmas,
-                                   cfg.prepare.white_percentile)
+            batch = normalize_flux(batch, prep.softening_sigmas, prep.white_percentile)
         else:
             batch = normalize_display(batch)
         out[idx] = batch
         kept[idx] = True
 
-    for i, rel in enumerate(tqdm(catalog["file"], desc="read cutouts", unit="img")):
+    for i, path in enumerate(tqdm(paths, desc="read cutouts", unit="img")):
         try:
-            image, kind = read_image(raw / rel)
+            image, kind = read_image(path)
         except ImageError as err:
-            skipped.append({"objid": catalog["objid"].iloc[i], "file": rel, "reason": str(err)})
+            skipped.append({"objid": ids[i], "file": str(path), "reason": str(err)})
             continue
         key = (kind, image.shape)
         pending.setdefault(key, []).append((i, image))
@@ -141,10 +147,14 @@ def stratified_split(labels: np.ndarray, split: DictConfig, classes: tuple[str, 
                      ) -> dict[str, np.ndarray]:
     """Indices of train/val/test, stratified by class, from ``prepare.split.seed``."""
     counts = np.bincount(labels, minlength=len(classes))
-    too_few = {classes[k]: int(c) for k, c in enumerate(counts) if 0 < c < 3}
+    # The held-out share of each class must hold at least one validation and one test galaxy.
+    needed = max(3, math.ceil(2 / (split.val + split.test)))
+    too_few = {classes[k]: int(c) for k, c in enumerate(counts) if c < needed}
     if too_few:
-        raise DataError(f"classes {too_few} have fewer than 3 galaxies; a stratified "
-                        "train/val/test split needs at least 3 per class")
+        raise DataError(f"classes {too_few} have fewer than {needed} galaxies; a stratified "
+                        f"split with val + test = {split.val + split.test:.2f} needs at least "
+                        f"{needed} per class (get more data, or drop the class from "
+                        "data.classes)")
     index = np.arange(len(labels))
     train, rest = train_test_split(index, train_size=split.train, stratify=labels,
                                    random_state=split.seed)
@@ -182,12 +192,17 @@ def run(cfg: DictConfig) -> dict:
     raw, prepared = Path(cfg.paths.raw), Path(cfg.paths.prepared)
     scheme = LabelScheme.from_names(cfg.data.classes)
     catalog = read_catalog(raw, scheme)
-    images, kept, skipped = load_images(catalog, raw, cfg)
+    images, kept, skipped = load_images([raw / f for f in catalog["file"]], cfg.prepare,
+                                        catalog["objid"].tolist())
     if skipped:
         log.warning("skipped %d unreadable cutout(s); see skipped.csv. First: %s",
                     len(skipped), skipped[0]["reason"])
     if not kept.any():
         raise DataError(f"{raw}: none of the {len(catalog)} cutouts could be read")
+    if len(skipped) / len(catalog) > cfg.data.max_bad_fraction:
+        raise DataError(f"{raw}: {len(skipped)} of {len(catalog)} cutouts are unreadable, more "
+                        f"than data.max_bad_fraction = {cfg.data.max_bad_fraction}; first: "
+                        f"{skipped[0]['reason']}")
     catalog, images = catalog[kept].reset_index(drop=True), images[kept]
     labels = scheme.encode(catalog["label"].tolist())
     split = stratified_split(labels, cfg.prepare.split, scheme.classes)

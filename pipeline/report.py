@@ -132,7 +132,7 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> d
                         f" px input, global average pooling, dropout {mc.dropout}, dense "
                         f"{mc.dense_units}, softmax; L2 {mc.l2} on the head.")
         kind_label = "transfer-learned CNN" if summary["pretrained"] else (
-            "CNN with a randomly initialised backbone (NOT pretrained)")
+            "CNN on a randomly initialised backbone, NOT pretrained")
     caveats = []
     if cfg.data.source == "mock":
         caveats.append("Trained and tested on simulated galaxies: real SDSS images have "

@@ -35,6 +35,18 @@ def prepared_tiny(tmp_path_factory: pytest.TempPathFactory) -> DictConfig:
     return cfg
 
 
+@pytest.fixture(scope="session")
+def trained_tiny(prepared_tiny: DictConfig) -> tuple[DictConfig, dict]:
+    """Both models trained and evaluated on the tiny data, once per session."""
+    from pipeline import evaluate, train
+
+    summaries = {}
+    for name in ("cnn", "transfer"):
+        summaries[name] = train.run(prepared_tiny, name)
+        evaluate.run(prepared_tiny, name)
+    return prepared_tiny, summaries
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or skip the test when that folder is not beside the checkout."""
     path = SHARED.joinpath(*parts)

@@ -35,8 +35,15 @@ def test_params_yaml_equals_the_composed_conf():
 ])
 def test_every_config_option_composes_and_validates(group, option):
     key = {"models": "models@models.cnn"}.get(group, group)
-    cfg = validate(compose([f"{key}={option}"]))
-    assert cfg.data.source in ("mock",)
+    # A folder source is only complete with the user's catalog.
+    extra = ["data.folder.catalog=my/catalog.csv"] if (group, option) == ("data", "folder") else []
+    cfg = validate(compose([f"{key}={option}", *extra]))
+    assert cfg.data.source in ("mock", "folder")
+
+
+def test_folder_source_without_a_catalog_is_refused():
+    with pytest.raises(ConfigError, match=r"'data.folder.catalog' = None is invalid: the path"):
+        validate(compose(["data=folder"]))
 
 
 def test_augment_none_turns_every_transform_off():

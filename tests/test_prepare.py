@@ -116,5 +116,5 @@ def test_a_class_too_small_to_split_is_refused(tiny_cfg):
     df = pd.read_csv(catalog)
     keep = (df["label"] != "spiral") | (df.groupby("label").cumcount() < 2)
     df[keep].to_csv(catalog, index=False)
-    with pytest.raises(DataError, match=r"classes \{'spiral': 2\} have fewer than 3 galaxies"):
+    with pytest.raises(DataError, match=r"classes \{'spiral': 2\} have fewer than 7 galaxies"):
         prepare.run(tiny_cfg)

@@ -28,4 +28,8 @@ def get_source(name: str) -> Source:
         from pipeline.sources.mock import fetch_mock
 
         return fetch_mock
+    if name == "folder":
+        from pipeline.sources.folder import fetch_folder
+
+        return fetch_folder
     raise KeyError(f"unknown data.source {name!r}")

@@ -1,0 +1,49 @@
+"""A training run killed with SIGKILL mid-run resumes from its last finished epoch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO
+
+
+def train_command(cfg, root: Path, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "pipeline.train", "debug=tiny", "model=cnn",
+            f"paths.raw={cfg.paths.raw}", f"paths.prepared={cfg.paths.prepared}",
+            f"paths.models={root / 'models'}", f"paths.backup={root / 'backup'}",
+            f"train.epochs={epochs}", "train.early_stopping_patience=1000",
+            "train.reduce_lr_patience=1000", f"hydra.run.dir={root / 'hydra'}"]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_rerun_continues_from_the_last_epoch(prepared_tiny, tmp_path):
+    epochs = 25
+    command = train_command(prepared_tiny, tmp_path, epochs)
+    state_csv = tmp_path / "backup" / "cnn" / "history.csv"
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if state_csv.is_file() and len(state_csv.read_text().splitlines()) >= 4:  # 3 epochs
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(pd.read_csv(state_csv))
+    assert 3 <= done_before < epochs, "the run finished before it could be killed"
+    assert not (tmp_path / "models" / "cnn").exists()  # no half-written model
+
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming cnn" in rerun.stdout + rerun.stderr
+    history = pd.read_csv(tmp_path / "models" / "cnn" / "history.csv")
+    assert history["epoch"].tolist() == list(range(1, epochs + 1))  # each epoch exactly once
+    assert not (tmp_path / "backup" / "cnn").exists()  # state cleaned up after success
