@@ -33,7 +33,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ACTIVATIONS = ("relu", "elu", "selu", "gelu", "silu", "swish", "tanh", "sigmoid",
                "leaky_relu", "mish", "softplus", "linear")
 PADDINGS = ("valid", "same")
-SOURCES = ("mock", "folder")
+SOURCES = ("mock", "folder", "sdss")
 BACKBONES = ("mobilenet_v2", "mobilenet")
 
 
@@ -77,12 +77,48 @@ class FolderConfig:
 
 
 @dataclass
+class SdssJpegConfig:
+    size: int = 128
+    scale_mode: str = "petrosian"
+    scale: float = 0.396
+    petrosian_factor: float = 8.46
+    min_scale: float = 0.1
+    max_scale: float = 2.0
+
+
+@dataclass
+class SdssFitsConfig:
+    size: int = 64
+
+
+@dataclass
+class SdssConfig:
+    catalog: str = "gz1"
+    data_release: int = 17
+    vote_threshold: float = 0.8
+    n_per_class: int = 1000
+    candidates_per_class: int = 5000
+    image_type: str = "jpeg"
+    skyserver_url: str = "https://skyserver.sdss.org"
+    sas_url: str = "https://data.sdss.org/sas"
+    timeout_s: float = 30.0
+    retries: int = 3
+    backoff_s: float = 1.0
+    concurrency: int = 8
+    max_bytes: int = 50_000_000
+    cache_dir: str = ".cache/sdss"
+    jpeg: SdssJpegConfig = field(default_factory=SdssJpegConfig)
+    fits: SdssFitsConfig = field(default_factory=SdssFitsConfig)
+
+
+@dataclass
 class DataConfig:
     source: str = "mock"
     classes: list[str] = field(default_factory=lambda: ["elliptical", "spiral", "edge_on"])
     max_bad_fraction: float = 0.05
     mock: MockConfig = field(default_factory=MockConfig)
     folder: FolderConfig = field(default_factory=FolderConfig)
+    sdss: SdssConfig = field(default_factory=SdssConfig)
 
 
 @dataclass
@@ -197,6 +233,8 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     if d.source == "folder":
         _require(bool(d.folder.catalog), "data.folder.catalog", d.folder.catalog,
                  "the path to a catalog CSV (image path and label columns)")
+    if d.source == "sdss":
+        _validate_sdss(d)
     m = d.mock
     _require(m.n_per_class >= 1, "data.mock.n_per_class", m.n_per_class, "an integer >= 1")
     _require(m.size >= 16, "data.mock.size", m.size, "a cutout side >= 16 pixels")
@@ -265,6 +303,49 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     _require(t.class_weight in ("balanced", "none"), "train.class_weight", t.class_weight,
              "'balanced' or 'none'")
     return merged
+
+
+def _validate_sdss(d: DictConfig) -> None:
+    """Everything that reaches SQL or a URL is a checked number or a known name."""
+    from pipeline.sources.sdss import GALAXY_ZOO
+
+    s = d.sdss
+    _require(s.catalog in GALAXY_ZOO, "data.sdss.catalog", s.catalog,
+             f"one of {sorted(GALAXY_ZOO)}")
+    known = sorted(GALAXY_ZOO[s.catalog].class_conditions)
+    unknown = [c for c in d.classes if c not in known]
+    _require(not unknown, "data.classes", list(d.classes),
+             f"classes that {s.catalog} can select: {known}")
+    _require(8 <= s.data_release <= 19, "data.sdss.data_release", s.data_release,
+             "an SDSS data release from 8 to 19")
+    _require(0 <= s.vote_threshold <= 1, "data.sdss.vote_threshold", s.vote_threshold,
+             "a vote fraction in [0, 1]")
+    _require(s.n_per_class >= 1, "data.sdss.n_per_class", s.n_per_class, "an integer >= 1")
+    _require(s.candidates_per_class >= s.n_per_class, "data.sdss.candidates_per_class",
+             s.candidates_per_class, f">= data.sdss.n_per_class ({s.n_per_class})")
+    _require(s.image_type in ("jpeg", "fits"), "data.sdss.image_type", s.image_type,
+             "'jpeg' or 'fits'")
+    for key in ("skyserver_url", "sas_url"):
+        url = str(s[key])
+        _require(url.startswith(("http://", "https://")) and " " not in url,
+                 f"data.sdss.{key}", url, "an http(s) URL")
+    _require(s.timeout_s > 0, "data.sdss.timeout_s", s.timeout_s, "seconds > 0")
+    _require(s.retries >= 0, "data.sdss.retries", s.retries, "an integer >= 0")
+    _require(s.backoff_s >= 0, "data.sdss.backoff_s", s.backoff_s, "seconds >= 0")
+    _require(1 <= s.concurrency <= 64, "data.sdss.concurrency", s.concurrency,
+             "1 to 64 requests at once (be polite to the archive)")
+    _require(s.max_bytes > 0, "data.sdss.max_bytes", s.max_bytes, "bytes > 0")
+    j = s.jpeg
+    _require(16 <= j.size <= 2048, "data.sdss.jpeg.size", j.size, "16 to 2048 pixels")
+    _require(j.scale_mode in ("fixed", "petrosian"), "data.sdss.jpeg.scale_mode",
+             j.scale_mode, "'fixed' or 'petrosian'")
+    _require(0 < j.min_scale <= j.scale <= j.max_scale or j.scale_mode == "petrosian",
+             "data.sdss.jpeg.scale", j.scale, "arcsec/pixel within [min_scale, max_scale]")
+    _require(0 < j.min_scale <= j.max_scale, "data.sdss.jpeg.min_scale", j.min_scale,
+             "0 < min_scale <= max_scale")
+    _require(j.petrosian_factor > 0, "data.sdss.jpeg.petrosian_factor", j.petrosian_factor,
+             "> 0 (cutout width in Petrosian R90 radii)")
+    _require(8 <= s.fits.size <= 1024, "data.sdss.fits.size", s.fits.size, "8 to 1024 pixels")
 
 
 def _first_line(err: Exception) -> str:

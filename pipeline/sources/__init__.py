@@ -32,4 +32,8 @@ def get_source(name: str) -> Source:
         from pipeline.sources.folder import fetch_folder
 
         return fetch_folder
+    if name == "sdss":
+        from pipeline.sources.sdss import fetch_sdss
+
+        return fetch_sdss
     raise KeyError(f"unknown data.source {name!r}")
