@@ -118,3 +118,24 @@ def test_a_class_too_small_to_split_is_refused(tiny_cfg):
     df[keep].to_csv(catalog, index=False)
     with pytest.raises(DataError, match=r"classes \{'spiral': 2\} have fewer than 7 galaxies"):
         prepare.run(tiny_cfg)
+
+
+def test_interrupted_prepare_leaves_the_old_output_and_a_rerun_equals_a_clean_run(
+        prepared_tiny, tmp_path, monkeypatch):
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}")
+    prepare.run(cfg)
+    before = (Path(cfg.paths.prepared) / "train.npz").read_bytes()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C or a dying worker looks like mid-stage
+
+    monkeypatch.setattr(prepare, "save_augmentation_grid", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.run(cfg)
+    assert (Path(cfg.paths.prepared) / "train.npz").read_bytes() == before
+    assert not [p for p in Path(cfg.paths.prepared).parent.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    prepare.run(cfg)
+    assert (Path(cfg.paths.prepared) / "train.npz").read_bytes() == before
