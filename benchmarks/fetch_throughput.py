@@ -17,9 +17,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.fake_skyserver
 
-from pipeline.config import compose, validate  # noqa: E402
-from pipeline.sources.sdss import fetch_jpegs  # noqa: E402
-from tests.fake_skyserver import FakeSkyServer, make_galaxies  # noqa: E402
+from pipeline.config import compose, validate
+from pipeline.sources.sdss import fetch_jpegs
+from tests.fake_skyserver import FakeSkyServer, make_galaxies
 
 
 def main() -> None:

@@ -371,21 +371,25 @@ def write_params(path: str | Path = "params.yaml", overrides: list[str] | None =
     return atomic_write_text(Path(path), OmegaConf.to_yaml(cfg))
 
 
-def stage_main(run: Callable[[DictConfig], Any]) -> Callable[[], None]:
+def stage_main(run: Callable[[DictConfig], Any], objective: str | None = None
+               ) -> Callable[[], Any]:
     """Wrap a stage's ``run(cfg)`` as a Hydra entry point that validates first.
 
     A :class:`ConfigError` ends the process with one clear line instead of a traceback.
+    ``objective`` names the key of the result returned to Hydra, which sweepers such as Optuna
+    minimise.
     """
     import hydra
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     @functools.wraps(run)
-    def entry(cfg: DictConfig) -> None:
+    def entry(cfg: DictConfig) -> Any:
         try:
-            run(validate(cfg))
+            result = run(validate(cfg))
         except ConfigError as err:
             log.error("%s", err)
             sys.exit(2)
+        return result[objective] if objective else None
 
     return entry
 

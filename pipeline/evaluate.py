@@ -63,6 +63,40 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, scheme: LabelS
     }
 
 
+def saliency(model, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """|d p(class) / d input|, maximised over channels (Simonyan et al. 2014)."""
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(images, dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        p = model(x, training=False)
+        chosen = tf.gather(p, tf.convert_to_tensor(classes), axis=1, batch_dims=1)
+    grads = tape.gradient(chosen, x)
+    return tf.reduce_max(tf.abs(grads), axis=-1).numpy()
+
+
+def first_conv_kernel(model) -> tuple[np.ndarray, str] | None:
+    """The first convolution's kernel, searching inside a nested backbone too."""
+    import keras
+
+    def walk(layers):
+        for layer in layers:
+            if isinstance(layer, keras.layers.Conv2D) and not isinstance(
+                    layer, keras.layers.DepthwiseConv2D):
+                return layer
+            if isinstance(layer, keras.Model):
+                found = walk(layer.layers)
+                if found is not None:
+                    return found
+        return None
+
+    layer = walk(model.layers)
+    if layer is None:
+        return None
+    return keras.ops.convert_to_numpy(layer.kernel), layer.name
+
+
 def run(cfg: DictConfig, name: str | None = None) -> dict:
     name = name or cfg.model
     model_dir = Path(cfg.paths.models) / name
@@ -98,14 +132,31 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False)
+    classes = list(scheme.classes)
+    x_test = test["images"].astype(np.float32)
     with atomic_path(out_dir / "figures") as tmp:
         tmp.mkdir()
         plots.learning_curves(history, summary["best_epoch"], tmp / "learning_curves.png",
                               f"{name}: learning curves")
-        plots.confusion_matrix(np.array(result["confusion_matrix"]), list(scheme.classes),
+        plots.confusion_matrix(np.array(result["confusion_matrix"]), classes,
                                tmp / "confusion_matrix.png", f"{name}: test confusion matrix")
-        plots.roc_curves(y, proba, list(scheme.classes), tmp / "roc.png",
-                         f"{name}: one-vs-rest ROC")
+        plots.roc_curves(y, proba, classes, tmp / "roc.png", f"{name}: one-vs-rest ROC")
+        plots.pr_curves(y, proba, classes, tmp / "pr.png", f"{name}: precision-recall")
+        result["ece"] = plots.reliability_diagram(y, proba, tmp / "reliability.png",
+                                                  f"{name}: reliability")
+        plots.example_galaxies(x_test, y, proba, classes, tmp / "examples.png",
+                               f"{name}: test galaxies classified right and wrong")
+        kernel = first_conv_kernel(model)
+        if kernel is not None:
+            plots.first_layer_kernels(kernel[0], tmp / "kernels.png",
+                                      f"{name}: first-layer kernels ({kernel[1]})")
+        # Saliency for the first test galaxy of each class.
+        picks = [int(np.flatnonzero(y == k)[0]) for k in range(len(classes)) if (y == k).any()]
+        pred = proba.argmax(axis=1)
+        maps = saliency(model, x_test[picks], pred[picks])
+        plots.saliency_maps(x_test[picks], maps,
+                            [f"true {classes[y[i]]}\npred {classes[pred[i]]}" for i in picks],
+                            tmp / "saliency.png", f"{name}: saliency of the predicted class")
     atomic_write_json(out_dir / "metrics.json", result)
     log.info("%s on %d test galaxies: accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f",
              name, len(y), result["accuracy"], result["balanced_accuracy"], result["macro_f1"])

@@ -59,3 +59,131 @@ def roc_curves(y_true: np.ndarray, proba: np.ndarray, classes: list[str], path: 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def reliability_diagram(y_true: np.ndarray, proba: np.ndarray, path: Path, title: str,
+                        bins: int = 10) -> float:
+    """Accuracy against confidence of the winning class in equal-width bins; returns the ECE.
+
+    ECE (expected calibration error, Guo et al. 2017) is the bin-size-weighted mean gap between
+    accuracy and confidence.
+    """
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    ece, acc, conf, counts = 0.0, [], [], []
+    for b in range(bins):
+        in_bin = which == b
+        n = int(in_bin.sum())
+        counts.append(n)
+        if n:
+            acc.append(correct[in_bin].mean())
+            conf.append(confidence[in_bin].mean())
+            ece += n / len(y_true) * abs(acc[-1] - conf[-1])
+        else:
+            acc.append(np.nan)
+            conf.append(np.nan)
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    centres = (edges[:-1] + edges[1:]) / 2
+    ax.bar(centres, np.nan_to_num(acc), width=1 / bins, edgecolor="k", alpha=0.7,
+           label="accuracy in bin")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfect calibration")
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{title}\nECE = {ece:.3f}")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return float(ece)
+
+
+def pr_curves(y_true: np.ndarray, proba: np.ndarray, classes: list[str], path: Path,
+              title: str) -> None:
+    """One-vs-rest precision-recall curve per class."""
+    from sklearn.metrics import PrecisionRecallDisplay
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for k, name in enumerate(classes):
+        if 0 < (y_true == k).sum() < len(y_true):
+            PrecisionRecallDisplay.from_predictions(y_true == k, proba[:, k], name=name, ax=ax)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def to_display(image: np.ndarray) -> np.ndarray:
+    """A [-1, 1] image as [0, 1] RGB for imshow."""
+    return np.clip((np.asarray(image, dtype=np.float32) + 1) / 2, 0, 1)
+
+
+def example_galaxies(images: np.ndarray, y_true: np.ndarray, proba: np.ndarray,
+                     classes: list[str], path: Path, title: str, per_row: int = 6) -> None:
+    """Top row: confidently right; bottom row: the most confident mistakes."""
+    pred = proba.argmax(axis=1)
+    conf = proba.max(axis=1)
+    right = np.where(pred == y_true)[0]
+    wrong = np.where(pred != y_true)[0]
+    rows = [("right", right[np.argsort(-conf[right])][:per_row]),
+            ("wrong", wrong[np.argsort(-conf[wrong])][:per_row])]
+    fig, axes = plt.subplots(2, per_row, figsize=(1.9 * per_row, 4.6), squeeze=False)
+    for r, (kind, idx) in enumerate(rows):
+        for c in range(per_row):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c >= len(idx):
+                if c == 0:
+                    ax.text(0.5, 0.5, f"no {kind} examples", ha="center", va="center")
+                continue
+            i = idx[c]
+            ax.imshow(to_display(images[i]), origin="lower")
+            probs = " ".join(f"{n[:4]} {p:.2f}" for n, p in zip(classes, proba[i], strict=True))
+            ax.set_title(f"{kind}: true {classes[y_true[i]]}\npred {classes[pred[i]]}\n{probs}",
+                         fontsize=6.5, color="darkgreen" if kind == "right" else "darkred")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def first_layer_kernels(kernel: np.ndarray, path: Path, title: str, max_kernels: int = 32
+                        ) -> None:
+    """First convolution's kernels as small RGB images (as in Dieleman et al. 2015, fig. 6)."""
+    k = kernel[..., :max_kernels]  # (h, w, in, out)
+    n = k.shape[-1]
+    cols = min(8, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols, 1.1 * rows + 0.5), squeeze=False)
+    for j, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if j < n:
+            w = k[..., j]
+            if w.shape[-1] == 1:
+                w = np.repeat(w, 3, axis=-1)
+            w = (w - w.min()) / (np.ptp(w) or 1.0)
+            ax.imshow(w[..., :3], interpolation="nearest", origin="lower")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def saliency_maps(images: np.ndarray, maps: np.ndarray, labels: list[str], path: Path,
+                  title: str) -> None:
+    """Each galaxy beside |d p(class) / d pixel|, the pixels its prediction is most sensitive to."""
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.0), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(to_display(images[i]), origin="lower")
+        axes[0, i].set_title(labels[i], fontsize=7)
+        axes[1, i].imshow(maps[i], origin="lower", cmap="inferno")
+        for ax in axes[:, i]:
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ METRIC_ROWS = [("accuracy", "accuracy"), ("balanced_accuracy", "balanced accurac
                ("macro_f1", "macro-F1"), ("roc_auc_ovr", "ROC AUC (one-vs-rest, macro)"),
                ("log_loss", "log loss")]
 BOOTSTRAP_N = 1000
+FIGURES = ("learning_curves", "confusion_matrix", "roc", "pr", "reliability", "examples",
+           "kernels", "saliency")
 PACKAGES = ("tensorflow", "keras", "numpy", "astropy", "scikit-learn", "hydra-core", "dvc")
 SOURCE_DESCRIPTIONS = {
     "mock": "simulated SDSS-like gri galaxies rendered by the pipeline from Sersic profiles, "
@@ -103,7 +106,10 @@ def environment(cfg: DictConfig) -> dict:
                              text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = "unknown (not a git checkout)"
-    return {"packages": packages, "git_revision": rev, "seed": int(cfg.seed),
+    lock = Path("dvc.lock")
+    dvc_lock = hashlib.sha256(lock.read_bytes()).hexdigest()[:12] if lock.is_file() else "none"
+    return {"packages": packages, "git_revision": rev, "dvc_lock": dvc_lock,
+            "seed": int(cfg.seed),
             "train_seed": int(cfg.train.seed), "python": platform.python_version(),
             "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"}
 
@@ -143,7 +149,7 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> d
         caveats.append(f"The test split is small ({metrics['n_test']} galaxies): the 95% "
                        "intervals above show how uncertain each figure is.")
     figures = {k: _relative(reports / "figures" / f"{k}.png", cards)
-               for k in ("learning_curves", "confusion_matrix", "roc")}
+               for k in FIGURES if (reports / "figures" / f"{k}.png").is_file()}
     return {
         "name": name,
         "kind": mc.kind,
@@ -204,6 +210,55 @@ def _markdown_to_html(markdown_text: str, title: str, base: Path, env: Environme
     return env.get_template("page.html.j2").render(title=title, body=body)
 
 
+def card_as_json(m: dict, common: dict) -> dict:
+    """The card's fields under Mitchell et al.'s section names (model-card-toolkit's layout as a
+    guide: model_details, considerations, quantitative_analysis, datasets)."""
+    data = common["data"]
+    return {
+        "schema": "galaxy-morphology-pipeline model card v1 (after Mitchell et al. 2019)",
+        "generated": common["generated"],
+        "model_details": {"name": m["name"], "kind": m["kind"], "description": m["kind_label"],
+                          "architecture": m["architecture"], "parameters": m["parameters"],
+                          "input_shape": m["input_shape"], "backbone": m["backbone"],
+                          "weights": m["weights"], "pretrained": m["pretrained"],
+                          "training_phases": m["phases"], "path": m["model_path"]},
+        "intended_use": {
+            "primary_uses": ["morphological classification of SDSS-like gri cutouts into "
+                             + ", ".join(common["classes"]), "triage before visual inspection",
+                             "teaching"],
+            "out_of_scope": ["classes not trained on (mergers, irregulars, artefacts)",
+                             "other surveys without retraining or a labelled check",
+                             "decisions about single objects without inspection"]},
+        "factors": ["apparent size and brightness", "inclination", "seeing",
+                    "neighbouring sources", f"data source: {data['source']}"],
+        "metrics": {"test": {k: m["metrics"][k] for k in
+                             ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr",
+                              "log_loss", "ece", "n_test") if k in m["metrics"]},
+                    "confidence_intervals_95": m["ci"],
+                    "per_class": m["metrics"]["per_class"]},
+        "evaluation_data": {"split": "test", "per_class": data["splits"]["test"]["per_class"],
+                            "split_seed": data["split_seed"], "augmented": False},
+        "training_data": {"source": data["source"], "description": data["source_description"],
+                          "splits": data["splits"], "augmentation": data["augment_description"],
+                          "train_images_with_copies": m["train_images"]},
+        "quantitative_analyses": {
+            "confusion_matrix": m["metrics"]["confusion_matrix"],
+            "best_epoch": m["metrics"]["best_epoch"], "epochs_run": m["metrics"]["epochs_run"],
+            "train_loss_at_best": m["metrics"]["train_loss_at_best"],
+            "val_loss_at_best": m["metrics"]["val_loss_at_best"],
+            "generalization_gap": m["metrics"]["generalization_gap"],
+            "overfitting_diagnosis": m["overfitting"],
+            "figures": sorted(m["figures"])},
+        "ethical_considerations": ["volunteer-label biases (e.g. fewer arms seen in faint, "
+                                   "small or distant galaxies) are inherited",
+                                   "catalogues built from the model can bias downstream science"],
+        "caveats_and_recommendations": m["caveats"] + [
+            "check performance on a labelled sample of your own data first",
+            "report balanced accuracy and macro-F1 when classes are imbalanced"],
+        "environment": common["env"],
+    }
+
+
 def run(cfg: DictConfig) -> list[Path]:
     reports = Path(cfg.paths.reports)
     prepared = Path(cfg.paths.prepared)
@@ -231,10 +286,7 @@ def run(cfg: DictConfig) -> list[Path]:
             (tmp / f"{m['name']}.md").write_text(text, encoding="utf-8")
             html = _markdown_to_html(text, f"Model card: {m['name']}", cards, env)
             (tmp / f"{m['name']}.html").write_text(html, encoding="utf-8")
-            card_json = {k: v for k, v in m.items() if k != "figures"}
-            card_json.update({"generated": common["generated"], "environment": common["env"],
-                              "data": common["data"], "classes": common["classes"]})
-            atomic_write_json(tmp / f"{m['name']}.json", card_json)
+            atomic_write_json(tmp / f"{m['name']}.json", card_as_json(m, common))
             written += [cards / f"{m['name']}.{ext}" for ext in ("md", "html", "json")]
         text = env.get_template("comparison.md.j2").render(models=contexts, **common)
         (tmp / "comparison.md").write_text(text, encoding="utf-8")

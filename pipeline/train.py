@@ -158,6 +158,9 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
     import pandas as pd
     from sklearn.utils.class_weight import compute_class_weight
 
+    from pipeline.sweep import redirect_outputs_in_multirun
+
+    cfg = redirect_outputs_in_multirun(cfg)
     name = name or cfg.model
     mc = cfg.models[name]
     t = cfg.train
@@ -228,7 +231,7 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
     return summary
 
 
-main = stage_main(run)
+main = stage_main(run, objective="best_val_loss")
 
 if __name__ == "__main__":
     main()

@@ -141,7 +141,7 @@ class FakeSkyServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-            def do_GET(self):  # noqa: N802 (http.server's name)
+            def do_GET(self):
                 url = urlparse(self.path)
                 q = {k: v[0] for k, v in parse_qs(url.query).items()}
                 with server._lock:

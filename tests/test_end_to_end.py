@@ -53,7 +53,18 @@ def test_tiny_pipeline_trains_evaluates_and_reports_both_models(trained_tiny):
                     "Caveats and recommendations"):
         assert f"## {section}" in transfer_card
     html = (cards / "cnn.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 4  # grid, curves, matrix, ROC
+    # The augmentation grid and eight figures: learning curves, confusion matrix, ROC, PR,
+    # reliability, examples, kernels, saliency.
+    assert html.count('src="data:image/png;base64,') == 9
+    card = json.loads((cards / "transfer.json").read_text())
+    for section in ("model_details", "intended_use", "factors", "metrics", "evaluation_data",
+                    "training_data", "quantitative_analyses", "ethical_considerations",
+                    "caveats_and_recommendations", "environment"):
+        assert card[section], section
+    assert card["model_details"]["pretrained"] is False
+    assert set(card["metrics"]["confidence_intervals_95"]) == {
+        "accuracy", "balanced_accuracy", "macro_f1"}
+    assert 0 <= card["metrics"]["test"]["ece"] <= 1
     assert "WITHOUT pretrained" not in html
     comparison = (cards / "comparison.md").read_text()
     assert "| accuracy |" in comparison and "cnn" in comparison and "transfer" in comparison
