@@ -13,6 +13,7 @@ a truncated body, or corrupt bytes, each for the first few requests of a galaxy.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import io
 import re
 import threading
@@ -136,10 +137,8 @@ class FakeSkyServer:
                 self.end_headers()
                 if fault == "truncated":
                     body = body[: len(body) // 2]
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
 
             def do_GET(self):
                 url = urlparse(self.path)

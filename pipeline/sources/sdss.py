@@ -385,7 +385,7 @@ def fetch_sdss(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     cache = Path(sc.cache_dir) / f"dr{int(sc.data_release)}" / sc.image_type
     if sc.image_type == "jpeg":
         done, failures, urls = fetch_jpegs(catalog, cfg, cache)
-        for objid, path in done.items():
+        for path in done.values():
             (images / path.name).write_bytes(path.read_bytes())
         suffix = ".jpeg"
     else:
