@@ -48,11 +48,18 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, scheme: LabelS
                                           labels=labels))
     except ValueError:  # a class absent from the test split
         auc = None
+    # One class against all others, e.g. elliptical against disc (spiral + edge-on).
+    auc_per_class = {}
+    for k, c in enumerate(scheme.classes):
+        positives = y_true == k
+        if 0 < positives.sum() < len(y_true):
+            auc_per_class[c] = float(metrics.roc_auc_score(positives, proba[:, k]))
     return {
         "accuracy": float(metrics.accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(metrics.balanced_accuracy_score(y_true, y_pred)),
         "macro_f1": float(report["macro avg"]["f1-score"]),
         "roc_auc_ovr": auc,
+        "roc_auc_one_vs_rest": auc_per_class,
         "log_loss": float(metrics.log_loss(y_true, proba, labels=labels)),
         "per_class": {c: {"precision": float(report[c]["precision"]),
                           "recall": float(report[c]["recall"]),

@@ -38,7 +38,26 @@ def test_every_config_option_composes_and_validates(group, option):
     # A folder source is only complete with the user's catalog.
     extra = ["data.folder.catalog=my/catalog.csv"] if (group, option) == ("data", "folder") else []
     cfg = validate(compose([f"{key}={option}", *extra]))
-    assert cfg.data.source in ("mock", "folder")
+    if group == "data":
+        assert cfg.data.source == option
+
+
+@pytest.mark.parametrize("override,plugin,target", [
+    ("hydra/sweeper=tune", "hydra_plugins.hydra_optuna_sweeper", "OptunaSweeper"),
+    ("hydra/launcher=parallel", "hydra_plugins.hydra_joblib_launcher", "JoblibLauncher"),
+    ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "SlurmLauncher"),
+])
+def test_sweeper_and_launcher_configs_compose(override, plugin, target):
+    pytest.importorskip(plugin)
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pipeline.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[override], return_hydra_config=True)
+    group = override.split("/")[1].split("=")[0]
+    assert cfg.hydra[group]._target_.endswith(target)
 
 
 def test_folder_source_without_a_catalog_is_refused():
