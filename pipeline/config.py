@@ -35,6 +35,7 @@ ACTIVATIONS = ("relu", "elu", "selu", "gelu", "silu", "swish", "tanh", "sigmoid"
 PADDINGS = ("valid", "same")
 SOURCES = ("mock", "folder", "sdss")
 BACKBONES = ("mobilenet_v2", "mobilenet")
+STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
 class ConfigError(ValueError):
@@ -190,6 +191,9 @@ class TrainConfig:
     class_weight: str = "balanced"
     seed: int = 42
     deterministic: bool = False
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    strategy: str = "default"
     verbose: int = 2
 
 
@@ -300,6 +304,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
              t.early_stopping_min_delta, "a loss change >= 0")
     _require(0 < t.reduce_lr_factor < 1, "train.reduce_lr_factor", t.reduce_lr_factor,
              "a factor in (0, 1)")
+    _require(t.strategy in STRATEGIES, "train.strategy", t.strategy, f"one of {list(STRATEGIES)}")
     _require(t.class_weight in ("balanced", "none"), "train.class_weight", t.class_weight,
              "'balanced' or 'none'")
     return merged

@@ -25,13 +25,17 @@ log = logging.getLogger(__name__)
 
 
 def load_model(model_dir: Path):
-    """Load a saved model with Keras ``safe_mode`` (no arbitrary code from the file runs)."""
+    """Load a saved model with Keras ``safe_mode`` (no arbitrary code from the file runs).
+
+    Not compiled: inference needs no optimizer, and one saved under mixed precision would not
+    match a float32 one.
+    """
     import keras
 
     path = Path(model_dir) / MODEL_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no trained model; run the train stage first")
-    return keras.saving.load_model(path, safe_mode=True)
+    return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, scheme: LabelScheme) -> dict:

@@ -66,8 +66,9 @@ def _head(x, mc: DictConfig, n_classes: int):
                                name="head_dense")(x)
         if mc.dropout > 0:
             x = keras.layers.Dropout(mc.dropout, name="head_dropout_2")(x)
+    # float32 softmax even under mixed precision, where float16 would round probabilities.
     return keras.layers.Dense(n_classes, activation="softmax", kernel_regularizer=reg,
-                              name="probabilities")(x)
+                              dtype="float32", name="probabilities")(x)
 
 
 def conv_output_size(size: int, mc: DictConfig) -> int:

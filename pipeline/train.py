@@ -69,6 +69,22 @@ def epoch_stats_callback(phase: int, n_images: int):
     return EpochStats()
 
 
+def distribution_strategy(name: str):
+    """``tf.distribute`` strategy from ``train.strategy``.
+
+    ``mirrored`` replicates the model on every GPU of this machine; ``multi_worker`` on every
+    worker of a cluster described by the ``TF_CONFIG`` environment variable (one process per
+    worker). ``train.batch_size`` is the global batch, split across replicas.
+    """
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
 def config_fingerprint(cfg: DictConfig, name: str) -> str:
     """What a resumed run must share with the killed one: data, model and training params."""
     relevant = {k: OmegaConf.to_container(cfg[k], resolve=True)
@@ -122,6 +138,7 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
             optimizer=keras.optimizers.Adam(learning_rate=phase.learning_rate),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
+            jit_compile=bool(t.jit_compile),
         )
         callbacks = [
             keras.callbacks.BackupAndRestore(str(state / f"backup_{phase.name}")),
@@ -182,7 +199,13 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
         weights = compute_class_weight("balanced", classes=present, y=train["labels"])
         class_weight = {int(c): float(w) for c, w in zip(present, weights, strict=True)}
 
-    built = build_model(mc, input_shape, scheme.n_classes, t, name=name)
+    keras.mixed_precision.set_global_policy("mixed_float16" if t.mixed_precision else "float32")
+    strategy = distribution_strategy(t.strategy)
+    log.info("strategy %s with %d replica(s); mixed precision %s; XLA %s",
+             type(strategy).__name__, strategy.num_replicas_in_sync, t.mixed_precision,
+             t.jit_compile)
+    with strategy.scope():
+        built = build_model(mc, input_shape, scheme.n_classes, t, name=name)
     log.info("training %s (%s, %d parameters) on %d images, validating on %d", name, mc.kind,
              built.model.count_params(), len(train["labels"]), len(val["labels"]))
     state = Path(cfg.paths.backup) / name
@@ -190,7 +213,8 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
     if resumed:
         log.info("resuming %s from the state left in %s", name, state)
     started = time.perf_counter()
-    records = fit_phases(built, data, cfg, state, class_weight)
+    with strategy.scope():
+        records = fit_phases(built, data, cfg, state, class_weight)
     wall = time.perf_counter() - started
 
     history = pd.read_csv(state / HISTORY_NAME)
@@ -207,6 +231,10 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
         "classes": list(scheme.classes),
         "input_shape": list(input_shape),
         "parameters": int(built.model.count_params()),
+        "strategy": type(strategy).__name__,
+        "replicas": int(strategy.num_replicas_in_sync),
+        "mixed_precision": bool(t.mixed_precision),
+        "jit_compile": bool(t.jit_compile),
         "train_images": len(train["labels"]),
         "val_images": len(val["labels"]),
         "class_weight": class_weight,
@@ -219,6 +247,7 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
         "resumed": resumed,
     }
     out = Path(cfg.paths.models) / name
+    keras.mixed_precision.set_global_policy("float32")  # leave the process as we found it
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         built.model.save(tmp / MODEL_NAME)
