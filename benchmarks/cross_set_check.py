@@ -31,7 +31,8 @@ def main() -> None:
     is_spiral = df["label"] == "spiral"
     print(f"galaxies scored: {len(df)} ({int(is_spiral.sum())} spiral, "
           f"{int((~is_spiral).sum())} non_spiral)")
-    print(f"ROC AUC of p_spiral for Kaggle 'spiral': {roc_auc_score(is_spiral, df['p_spiral']):.3f}")
+    auc = roc_auc_score(is_spiral, df["p_spiral"])
+    print(f"ROC AUC of p_spiral for Kaggle 'spiral': {auc:.3f}")
     disc = df["p_spiral"] + df.get("p_edge_on", 0)
     print(f"ROC AUC of p_spiral + p_edge_on (any disc): {roc_auc_score(is_spiral, disc):.3f}")
     called = df["predicted"] == "spiral"
