@@ -142,6 +142,7 @@ class PrepareConfig:
 
 @dataclass
 class AugmentConfig:
+    mode: str = "stored"
     copies: int = 2
     rotation_degrees: float = 180.0
     zoom: float = 0.15
@@ -258,6 +259,9 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
              "prepare.split", dict(zip(("train", "val", "test"), fractions, strict=True)),
              "three positive fractions that sum to 1")
 
+    _require(a.mode in ("stored", "on_the_fly"), "augment.mode", a.mode,
+             "'stored' (copies written by prepare) or 'on_the_fly' (drawn in the tf.data "
+             "pipeline every epoch)")
     _require(a.copies >= 0, "augment.copies", a.copies, "an integer >= 0")
     _require(0 <= a.rotation_degrees <= 180, "augment.rotation_degrees", a.rotation_degrees,
              "degrees in [0, 180]")

@@ -61,18 +61,24 @@ def atomic_write_json(path: Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_arrays(path: Path, **arrays: np.ndarray) -> None:
-    """Save arrays as an uncompressed ``.npz`` (no pickles: object arrays are refused)."""
+def save_arrays(folder: Path, **arrays: np.ndarray) -> None:
+    """Save each array as ``folder/<name>.npy`` (no pickles: object arrays are refused).
+
+    Plain ``.npy`` files can be memory-mapped, so training streams images from disk instead of
+    holding the whole set in memory.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     for name, arr in arrays.items():
         if np.asarray(arr).dtype == object:
             raise TypeError(f"array '{name}' has dtype object; it would need pickling")
-    with Path(path).open("wb") as fh:
-        np.savez(fh, **arrays)
+        np.save(folder / f"{name}.npy", np.asarray(arr), allow_pickle=False)
 
 
-def load_arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+def load_arrays(folder: Path, mmap: bool = False) -> dict[str, np.ndarray]:
+    """Load the arrays :func:`save_arrays` wrote; ``mmap`` maps them read-only from disk."""
+    return {p.stem: np.load(p, allow_pickle=False, mmap_mode="r" if mmap else None)
+            for p in sorted(Path(folder).glob("*.npy"))}
 
 
 def image_kind(path: Path) -> str:

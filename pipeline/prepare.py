@@ -215,13 +215,13 @@ def run(cfg: DictConfig) -> dict:
             x, y = images[idx], labels[idx]
             objid = catalog["objid"].to_numpy(dtype=str)[idx]
             augmented = np.zeros(len(idx), dtype=bool)
-            if name == "train" and cfg.augment.copies > 0:
+            if name == "train" and cfg.augment.copies > 0 and cfg.augment.mode == "stored":
                 copies, source = augment_copies(x, cfg.augment, seed=int(cfg.seed))
                 x = np.concatenate([x, copies])
                 y = np.concatenate([y, y[source]])
                 objid = np.concatenate([objid, objid[source]])
                 augmented = np.concatenate([augmented, np.ones(len(copies), dtype=bool)])
-            save_arrays(tmp / f"{name}.npz", images=x.astype(np.float16), labels=y,
+            save_arrays(tmp / name, images=x.astype(np.float16), labels=y,
                         objid=objid, augmented=augmented)
         # The picture grid: a few training galaxies beside fresh copies drawn with the same config.
         train_labels = labels[split["train"]]
@@ -248,7 +248,9 @@ def run(cfg: DictConfig) -> dict:
                 }
                 for name in SPLITS
             },
-            "augmented_copies_per_galaxy": int(cfg.augment.copies),
+            "augmented_copies_per_galaxy": int(cfg.augment.copies)
+            if cfg.augment.mode == "stored" else 0,
+            "augment_mode": str(cfg.augment.mode),
         }
         atomic_write_json(tmp / META_NAME, meta)
     log.info("prepared %s: %s", prepared,
@@ -256,10 +258,14 @@ def run(cfg: DictConfig) -> dict:
     return meta
 
 
-def load_split(prepared: Path, name: str) -> dict[str, np.ndarray]:
+def load_split(prepared: Path, name: str, mmap: bool = False) -> dict[str, np.ndarray]:
+    """One split's arrays (images, labels, objid, augmented); ``mmap`` leaves them on disk."""
     from pipeline.io import load_arrays
 
-    return load_arrays(Path(prepared) / f"{name}.npz")
+    folder = Path(prepared) / name
+    if not (folder / "images.npy").is_file():
+        raise FileNotFoundError(f"{folder}: no prepared split; run the prepare stage first")
+    return load_arrays(folder, mmap=mmap)
 
 
 main = stage_main(run)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -32,15 +33,51 @@ MODEL_NAME = "model.keras"
 SUMMARY_NAME = "train_summary.json"
 
 
-def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int):
-    """A tf.data pipeline: (re)shuffled every epoch, batched, cast to float32, prefetched."""
+def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int,
+                 augment: DictConfig | None = None, deterministic: bool = False):
+    """A tf.data pipeline that streams batches from (memory-mapped) arrays on disk.
+
+    Every epoch draws a new permutation (a global shuffle, no buffer) and gathers each batch's
+    images from ``x``, which may be an ``np.memmap``: only the batches in flight are in memory.
+    Batches are cast to float32 and prefetched so the model never waits on input. With
+    ``augment`` (``augment.mode: on_the_fly``) every batch gets fresh random copies drawn by
+    :func:`pipeline.augment.random_augment`.
+    """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32), b),
-                                  num_parallel_calls=tf.data.AUTOTUNE)
+    n = len(y)
+    order_rng = np.random.default_rng(seed)
+
+    def batches():
+        order = order_rng.permutation(n) if shuffle else np.arange(n)
+        for start in range(0, n, batch_size):
+            idx = np.sort(order[start:start + batch_size])  # sorted: sequential disk reads
+            yield np.asarray(x[idx]), np.asarray(y[idx], dtype=np.int32)
+
+    spec = (tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
+            tf.TensorSpec((None,), tf.int32))
+    ds = tf.data.Dataset.from_generator(batches, output_signature=spec)
+    # A generator has no known length; telling tf.data lets Keras count steps per epoch.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
+    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE)
+    if augment is not None:
+        from pipeline.augment import random_augment
+
+        rng = np.random.default_rng(seed + 1)
+        lock = threading.Lock()
+
+        def draw(batch: np.ndarray) -> np.ndarray:
+            with lock:  # one generator for all tf.data threads: draws stay independent
+                batch_rng = np.random.default_rng(rng.integers(2**63))
+            return random_augment(batch, augment, batch_rng).astype(np.float32)
+
+        def apply(a, b):
+            out = tf.numpy_function(draw, [a], tf.float32)
+            out.set_shape(a.shape)
+            return out, b
+
+        ds = ds.map(apply, num_parallel_calls=1 if deterministic else tf.data.AUTOTUNE,
+                    deterministic=deterministic)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -115,7 +152,10 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
     model = built.model
     x_train, y_train = data["train"]
     x_val, y_val = data["val"]
-    train_ds = make_dataset(x_train, y_train, t.batch_size, True, t.seed)
+    on_the_fly = cfg.augment.mode == "on_the_fly" and cfg.augment.copies > 0
+    train_ds = make_dataset(x_train, y_train, t.batch_size, True, t.seed,
+                            augment=cfg.augment if on_the_fly else None,
+                            deterministic=bool(t.deterministic))
     val_ds = make_dataset(x_val, y_val, t.batch_size, False, t.seed)
     best_weights = state / "best.weights.h5"
     checkpoint = keras.callbacks.ModelCheckpoint(
@@ -190,7 +230,7 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
 
         tf.config.experimental.enable_op_determinism()
 
-    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    train, val = load_split(prepared, "train", mmap=True), load_split(prepared, "val")
     data = {"train": (train["images"], train["labels"]), "val": (val["images"], val["labels"])}
     input_shape = tuple(int(s) for s in train["images"].shape[1:])
     class_weight = None

@@ -35,7 +35,7 @@ def test_display_normalisation_is_linear_to_minus_one_one():
 
 def test_prepared_splits_are_stratified_disjoint_and_only_train_is_augmented(prepared_tiny):
     root = Path(prepared_tiny.paths.prepared)
-    splits = {s: load_arrays(root / f"{s}.npz") for s in ("train", "val", "test")}
+    splits = {s: load_arrays(root / s) for s in ("train", "val", "test")}
     meta = json.loads((root / "meta.json").read_text())
     assert meta["classes"] == ["elliptical", "spiral", "edge_on"]
     for name, arrays in splits.items():
@@ -64,7 +64,7 @@ def test_augment_none_adds_no_copies(tmp_path):
     cfg = tiny_config(tmp_path, "augment=none")
     fetch.run(cfg)
     prepare.run(cfg)
-    train = load_arrays(Path(cfg.paths.prepared) / "train.npz")
+    train = load_arrays(Path(cfg.paths.prepared) / "train")
     assert not train["augmented"].any()
 
 
@@ -73,8 +73,8 @@ def test_changing_the_split_seed_changes_the_split_but_not_the_sizes(prepared_ti
 
     cfg = tiny_config(tmp_path, "prepare.split.seed=99", f"paths.raw={prepared_tiny.paths.raw}")
     prepare.run(cfg)
-    a = load_arrays(Path(prepared_tiny.paths.prepared) / "test.npz")["objid"]
-    b = load_arrays(Path(cfg.paths.prepared) / "test.npz")["objid"]
+    a = load_arrays(Path(prepared_tiny.paths.prepared) / "test")["objid"]
+    b = load_arrays(Path(cfg.paths.prepared) / "test")["objid"]
     assert len(a) == len(b)
     assert set(a) != set(b)
 
@@ -126,7 +126,7 @@ def test_interrupted_prepare_leaves_the_old_output_and_a_rerun_equals_a_clean_ru
 
     cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}")
     prepare.run(cfg)
-    before = (Path(cfg.paths.prepared) / "train.npz").read_bytes()
+    before = (Path(cfg.paths.prepared) / "train" / "images.npy").read_bytes()
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # what Ctrl-C or a dying worker looks like mid-stage
@@ -134,8 +134,8 @@ def test_interrupted_prepare_leaves_the_old_output_and_a_rerun_equals_a_clean_ru
     monkeypatch.setattr(prepare, "save_augmentation_grid", killed)
     with pytest.raises(KeyboardInterrupt):
         prepare.run(cfg)
-    assert (Path(cfg.paths.prepared) / "train.npz").read_bytes() == before
+    assert (Path(cfg.paths.prepared) / "train" / "images.npy").read_bytes() == before
     assert not [p for p in Path(cfg.paths.prepared).parent.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.undo()
     prepare.run(cfg)
-    assert (Path(cfg.paths.prepared) / "train.npz").read_bytes() == before
+    assert (Path(cfg.paths.prepared) / "train" / "images.npy").read_bytes() == before

@@ -21,7 +21,7 @@ def sweep(cfg, sweep_dir: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_run_sweep_writes_each_run_apart_and_ranks_them(prepared_tiny, tmp_path):
-    prepared = Path(prepared_tiny.paths.prepared) / "train.npz"
+    prepared = Path(prepared_tiny.paths.prepared) / "train" / "images.npy"
     stamp = prepared.stat().st_mtime_ns
     result = sweep(prepared_tiny, tmp_path / "sweep", "model=cnn",
                    "train.learning_rate=1e-3,3e-4")

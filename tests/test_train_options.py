@@ -34,3 +34,39 @@ def test_training_runs_under_each_strategy_and_precision(prepared_tiny, tmp_path
 
     model = load_model(Path(cfg.paths.models) / "cnn")
     assert model.get_layer("probabilities").dtype_policy.compute_dtype == "float32"
+
+
+def test_on_the_fly_augmentation_draws_new_copies_every_epoch():
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from pipeline.config import AugmentConfig
+    from pipeline.train import make_dataset
+
+    aug = OmegaConf.merge(OmegaConf.structured(AugmentConfig), {"mode": "on_the_fly"})
+    y_, x_ = np.indices((32, 32))
+    galaxy = np.exp(-((x_ - 16) ** 2 / 40 + (y_ - 16) ** 2 / 8))[..., None].repeat(3, -1)
+    images = np.repeat((2 * galaxy - 1)[None], 8, axis=0).astype(np.float16)
+    ds = make_dataset(images, np.zeros(8, np.int32), 8, False, 0, augment=aug)
+    assert ds.element_spec[0].shape.as_list() == [None, 32, 32, 3]
+    first, second = (next(iter(ds))[0].numpy() for _ in range(2))
+    assert first.shape == (8, 32, 32, 3) and first.dtype == np.float32
+    assert not np.allclose(first, second)          # a new draw every epoch
+    assert not np.allclose(first[0], first[1])     # and per image
+    assert first.min() >= -1 and first.max() <= 1
+    plain = next(iter(make_dataset(images, np.zeros(8, np.int32), 8, False, 0)))[0].numpy()
+    np.testing.assert_allclose(plain, images.astype(np.float32))
+
+
+@pytest.mark.slow
+def test_on_the_fly_mode_stores_no_copies_and_trains(tmp_path):
+    from pipeline import fetch, prepare
+    from pipeline.io import load_arrays
+
+    cfg = tiny_config(tmp_path, "augment.mode=on_the_fly")
+    fetch.run(cfg)
+    meta = prepare.run(cfg)
+    assert meta["augment_mode"] == "on_the_fly"
+    assert not load_arrays(Path(cfg.paths.prepared) / "train")["augmented"].any()
+    summary = train.run(cfg, "cnn")
+    assert summary["train_images"] == meta["splits"]["train"]["galaxies"]
