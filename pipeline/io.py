@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -79,6 +80,49 @@ def load_arrays(folder: Path, mmap: bool = False) -> dict[str, np.ndarray]:
     """Load the arrays :func:`save_arrays` wrote; ``mmap`` maps them read-only from disk."""
     return {p.stem: np.load(p, allow_pickle=False, mmap_mode="r" if mmap else None)
             for p in sorted(Path(folder).glob("*.npy"))}
+
+
+class NpyRows:
+    """Rows of a ``.npy`` file read on demand with ``os.pread``, for streaming training data.
+
+    Unlike ``np.memmap``, pages read this way stay in the OS page cache instead of the
+    process's resident memory, so a training run's memory does not grow with the data set.
+    Supports ``len()``, ``.shape``, ``.dtype`` and indexing by an array of row numbers.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        with self.path.open("rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(fh)
+            self.offset = fh.tell()
+        if fortran or dtype.hasobject:
+            raise ImageError(f"{path}: expected a C-ordered numeric array")
+        self.shape, self.dtype = tuple(shape), dtype
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        # Read runs of consecutive rows with one call each (sorted batches are mostly runs).
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for start, run in zip(np.r_[0, breaks], np.split(rows, breaks), strict=True):
+            data = os.pread(self._fd, self.row_bytes * len(run),
+                            self.offset + int(run[0]) * self.row_bytes)
+            flat[start:start + len(run)] = np.frombuffer(data, np.uint8).reshape(len(run), -1)
+        return out
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
 
 def image_kind(path: Path) -> str:

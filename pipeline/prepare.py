@@ -258,14 +258,22 @@ def run(cfg: DictConfig) -> dict:
     return meta
 
 
-def load_split(prepared: Path, name: str, mmap: bool = False) -> dict[str, np.ndarray]:
-    """One split's arrays (images, labels, objid, augmented); ``mmap`` leaves them on disk."""
-    from pipeline.io import load_arrays
+def load_split(prepared: Path, name: str, stream: bool = False) -> dict:
+    """One split's arrays (images, labels, objid, augmented).
+
+    With ``stream`` the images stay on disk (:class:`pipeline.io.NpyRows`, read a batch at a
+    time); the small per-galaxy arrays are loaded.
+    """
+    from pipeline.io import NpyRows, load_arrays
 
     folder = Path(prepared) / name
     if not (folder / "images.npy").is_file():
         raise FileNotFoundError(f"{folder}: no prepared split; run the prepare stage first")
-    return load_arrays(folder, mmap=mmap)
+    arrays = load_arrays(folder, mmap=stream)
+    if stream:
+        arrays["images"] = NpyRows(folder / "images.npy")
+        arrays["labels"] = np.asarray(arrays["labels"])
+    return arrays
 
 
 main = stage_main(run)

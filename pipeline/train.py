@@ -35,10 +35,11 @@ SUMMARY_NAME = "train_summary.json"
 
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int,
                  augment: DictConfig | None = None, deterministic: bool = False):
-    """A tf.data pipeline that streams batches from (memory-mapped) arrays on disk.
+    """A tf.data pipeline that streams batches from the prepared arrays on disk.
 
     Every epoch draws a new permutation (a global shuffle, no buffer) and gathers each batch's
-    images from ``x``, which may be an ``np.memmap``: only the batches in flight are in memory.
+    images from ``x``, which may be a :class:`pipeline.io.NpyRows` reading rows from disk:
+    only the batches in flight are in memory.
     Batches are cast to float32 and prefetched so the model never waits on input. With
     ``augment`` (``augment.mode: on_the_fly``) every batch gets fresh random copies drawn by
     :func:`pipeline.augment.random_augment`.
@@ -230,7 +231,7 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
 
         tf.config.experimental.enable_op_determinism()
 
-    train, val = load_split(prepared, "train", mmap=True), load_split(prepared, "val")
+    train, val = load_split(prepared, "train", stream=True), load_split(prepared, "val")
     data = {"train": (train["images"], train["labels"]), "val": (val["images"], val["labels"])}
     input_shape = tuple(int(s) for s in train["images"].shape[1:])
     class_weight = None

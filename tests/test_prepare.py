@@ -139,3 +139,15 @@ def test_interrupted_prepare_leaves_the_old_output_and_a_rerun_equals_a_clean_ru
     monkeypatch.undo()
     prepare.run(cfg)
     assert (Path(cfg.paths.prepared) / "train" / "images.npy").read_bytes() == before
+
+
+def test_streamed_rows_equal_the_array_on_disk(tmp_path):
+    from pipeline.io import NpyRows, save_arrays
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (50, 8, 8, 3)).astype(np.float16)
+    save_arrays(tmp_path / "split", images=images)
+    rows = NpyRows(tmp_path / "split" / "images.npy")
+    assert len(rows) == 50 and rows.shape == images.shape and rows.dtype == np.float16
+    for idx in ([0, 1, 2, 3], [7, 3, 49], [10, 11, 20, 21, 22, 40]):
+        np.testing.assert_array_equal(rows[np.array(idx)], images[idx])
