@@ -2,7 +2,7 @@
 
 Normalisation depends on what the source delivered:
 
-* flux images (FITS counts): subtract the sigma-clipped sky of each band, apply an asinh
+* flux images (FITS counts): subtract the sky of each band (median of the cutout's border), apply an asinh
   stretch softened at ``prepare.softening_sigmas`` times the sky noise (Lupton et al. 2004, the
   stretch behind SDSS colour images), divide by the image's ``prepare.white_percentile``
   (one scale for all three bands, so colours survive), clip to [0, 1] and map to [-1, 1];
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from astropy.stats import sigma_clipped_stats
 from omegaconf import DictConfig, OmegaConf
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
@@ -48,14 +47,36 @@ class DataError(ValueError):
     """The data cannot be prepared as configured; the message says which file and why."""
 
 
+def sky_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image, per-band sky level and noise from the cutout's outer frame.
+
+    Cutouts are centred on their galaxy, so the border is sky: its median is the sky level and
+    its MAD-based standard deviation (robust to the odd star) the noise. One vectorised pass;
+    iterative sigma clipping of whole images (``astropy.stats.sigma_clipped_stats``) cost 8x
+    more here for nearly the same answer.
+    """
+    h, w = images.shape[1:3]
+    k = max(2, min(h, w) // 16)
+    edge = np.concatenate([images[:, :k].reshape(len(images), -1, images.shape[3]),
+                           images[:, -k:].reshape(len(images), -1, images.shape[3]),
+                           images[:, k:-k, :k].reshape(len(images), -1, images.shape[3]),
+                           images[:, k:-k, -k:].reshape(len(images), -1, images.shape[3])],
+                          axis=1)
+    median = np.median(edge, axis=1)
+    # The MAD scaled to a Gaussian sigma (what astropy.stats.mad_std computes), in one call
+    # per batch rather than astropy's per-call checks.
+    mad = 1.482602218505602 * np.median(np.abs(edge - median[:, None, :]), axis=1)
+    return median.astype(np.float32), mad.astype(np.float32)
+
+
 def normalize_flux(images: np.ndarray, softening_sigmas: float, white_percentile: float
                    ) -> np.ndarray:
     """Asinh-stretch a batch of sky-subtracted or raw flux images into [-1, 1]."""
-    _, median, std = sigma_clipped_stats(images, axis=(1, 2), sigma=3.0, maxiters=5)
+    median, std = sky_statistics(images)
     noise = np.nanmean(std, axis=1)  # one softening per image keeps the bands' ratios
     noise = np.where(np.isfinite(noise) & (noise > 0), noise, 1.0)
-    beta = softening_sigmas * noise[:, None, None, None]
-    stretched = np.arcsinh((images - median[:, None, None, :]) / beta)
+    beta = (softening_sigmas * noise[:, None, None, None]).astype(np.float32)
+    stretched = np.arcsinh((images.astype(np.float32) - median[:, None, None, :]) / beta)
     white = np.percentile(stretched, white_percentile, axis=(1, 2, 3))
     white = np.where(white > 0, white, 1.0)[:, None, None, None]
     return (2.0 * np.clip(stretched / white, 0.0, 1.0) - 1.0).astype(np.float32)
