@@ -2,9 +2,10 @@
 
 Normalisation depends on what the source delivered:
 
-* flux images (FITS counts): subtract the sky of each band (median of the cutout's border), apply an asinh
-  stretch softened at ``prepare.softening_sigmas`` times the sky noise (Lupton et al. 2004, the
-  stretch behind SDSS colour images), divide by the image's ``prepare.white_percentile``
+* flux images (FITS counts): subtract the sky of each band (the median of the cutout's
+  border), apply an asinh stretch softened at ``prepare.softening_sigmas`` times the sky
+  noise (Lupton et al. 2004, the stretch behind SDSS colour images), divide by the image's
+  ``prepare.white_percentile``
   (one scale for all three bands, so colours survive), clip to [0, 1] and map to [-1, 1];
 * display images (JPEG/PNG, already stretched): ``x / 127.5 - 1``.
 
