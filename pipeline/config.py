@@ -26,6 +26,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -38,7 +40,7 @@ BACKBONES = ("mobilenet_v2", "mobilenet")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A config value that cannot work; the message names the key and what is valid."""
 
 
@@ -384,7 +386,8 @@ def stage_main(run: Callable[[DictConfig], Any], objective: str | None = None
                ) -> Callable[[], Any]:
     """Wrap a stage's ``run(cfg)`` as a Hydra entry point that validates first.
 
-    A :class:`ConfigError` ends the process with one clear line instead of a traceback.
+    A :class:`~pipeline.errors.PipelineError` (bad config, data or input) ends the process
+    with one clear line and status 2 instead of a traceback.
     ``objective`` names the key of the result returned to Hydra, which sweepers such as Optuna
     minimise.
     """
@@ -395,7 +398,7 @@ def stage_main(run: Callable[[DictConfig], Any], objective: str | None = None
     def entry(cfg: DictConfig) -> Any:
         try:
             result = run(validate(cfg))
-        except ConfigError as err:
+        except PipelineError as err:
             log.error("%s", err)
             sys.exit(2)
         return result[objective] if objective else None

@@ -34,7 +34,9 @@ def load_model(model_dir: Path):
 
     path = Path(model_dir) / MODEL_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no trained model; run the train stage first")
+        from pipeline.errors import MissingInputError
+
+        raise MissingInputError(f"{path}: no trained model; run the train stage first")
     return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import PipelineError
+
 # Flux images (FITS) get an asinh stretch; display images (JPEG/PNG, already stretched by
 # whoever made them) are only rescaled. Readers say which kind they returned.
 FLUX = "flux"
@@ -25,7 +27,7 @@ FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz")
 DISPLAY_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-class ImageError(ValueError):
+class ImageError(PipelineError, ValueError):
     """An image file that cannot be used; the message names the file and the problem."""
 
 

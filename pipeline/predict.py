@@ -20,12 +20,13 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import CONF_DIR
+from pipeline.errors import PipelineError
 from pipeline.io import DISPLAY_SUFFIXES, FITS_SUFFIXES, atomic_path
 
 log = logging.getLogger(__name__)
 
 
-class PredictError(ValueError):
+class PredictError(PipelineError, ValueError):
     """Bad predict input; the message names the key or file."""
 
 
@@ -121,7 +122,7 @@ def main() -> None:
     def entry(cfg: DictConfig) -> None:
         try:
             run(cfg)
-        except PredictError as err:
+        except PipelineError as err:
             log.error("%s", err)
             sys.exit(2)
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from pipeline.augment import augment_copies
 from pipeline.config import stage_main
+from pipeline.errors import PipelineError
 from pipeline.io import (
     FLUX,
     ImageError,
@@ -44,7 +45,7 @@ SPLITS = ("train", "val", "test")
 META_NAME = "meta.json"
 
 
-class DataError(ValueError):
+class DataError(PipelineError, ValueError):
     """The data cannot be prepared as configured; the message says which file and why."""
 
 
@@ -286,11 +287,12 @@ def load_split(prepared: Path, name: str, stream: bool = False) -> dict:
     With ``stream`` the images stay on disk (:class:`pipeline.io.NpyRows`, read a batch at a
     time); the small per-galaxy arrays are loaded.
     """
+    from pipeline.errors import MissingInputError
     from pipeline.io import NpyRows, load_arrays
 
     folder = Path(prepared) / name
     if not (folder / "images.npy").is_file():
-        raise FileNotFoundError(f"{folder}: no prepared split; run the prepare stage first")
+        raise MissingInputError(f"{folder}: no prepared split; run the prepare stage first")
     arrays = load_arrays(folder, mmap=stream)
     if stream:
         arrays["images"] = NpyRows(folder / "images.npy")

@@ -128,3 +128,18 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_changed(tmp_path
     assert "fetch" not in third
     assert third[0] == "prepare"
     assert "report" in third
+
+
+def test_stage_cli_reports_bad_data_in_one_line(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "catalog.csv").write_text("objid,ra,dec,file\n1,0,0,images/1.fits\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare", f"paths.raw={raw}",
+         f"paths.prepared={tmp_path / 'prepared'}", f"hydra.run.dir={tmp_path / 'h'}"],
+        capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    out = result.stdout + result.stderr
+    assert "catalog.csv: missing column(s) ['label']; a catalog needs" in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "prepared").exists()

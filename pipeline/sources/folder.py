@@ -18,6 +18,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError
 from pipeline.io import ImageError, image_kind, read_image
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-class CatalogError(ValueError):
+class CatalogError(PipelineError, ValueError):
     """The user's catalog cannot be used as configured; the message names file and column."""
 
 

@@ -37,6 +37,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError
 from pipeline.io import ImageError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ FRAME_URL = ("{base}/dr{dr}/{instrument}/photoObj/frames/{rerun}/{run}/{camcol}/
              "frame-{band}-{run:06d}-{camcol}-{field:04d}.fits.bz2")
 
 
-class SdssError(RuntimeError):
+class SdssError(PipelineError, RuntimeError):
     """The archive could not give what was asked; the message says which request and why."""
 
 
