@@ -47,6 +47,20 @@ def trained_tiny(prepared_tiny: DictConfig) -> tuple[DictConfig, dict]:
     return prepared_tiny, summaries
 
 
+def copy_project(dest: Path, names: tuple[str, ...]) -> Path:
+    """Copy the named files and folders of this checkout into a fresh project folder."""
+    import shutil
+
+    dest.mkdir(parents=True)
+    for name in names:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dest / name)
+    return dest
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or skip the test when that folder is not beside the checkout."""
     path = SHARED.joinpath(*parts)

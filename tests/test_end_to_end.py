@@ -15,7 +15,7 @@ import yaml
 
 from pipeline import report
 from pipeline.config import compose
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_project
 
 STAGE_FILES = ("pipeline", "conf", "dvc.yaml", "pyproject.toml")
 
@@ -98,14 +98,7 @@ def ran_stages(output: str) -> list[str]:
 def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_changed(tmp_path):
     if shutil.which("git") is None:
         pytest.skip("git is needed for a DVC project")
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in STAGE_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, project / name)
+    project = copy_project(tmp_path / "project", STAGE_FILES)
     params = compose(["debug=tiny"])
     from omegaconf import OmegaConf
 

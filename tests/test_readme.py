@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_project
 
 FILES = ("pipeline", "conf", "notebooks", "dvc.yaml", "params.yaml", "pyproject.toml",
          ".dvcignore", ".gitignore", "README.md")
@@ -31,14 +31,7 @@ def test_readme_marks_its_quick_start_runnable():
 def test_runnable_readme_commands_succeed_on_the_tiny_config(tmp_path):
     if shutil.which("git") is None:
         pytest.skip("git is needed for DVC experiments")
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, project / name)
+    project = copy_project(tmp_path / "project", FILES)
     config = project / "conf" / "config.yaml"
     config.write_text(config.read_text().replace("- debug: null", "- debug: tiny"))
     bindir = Path(sys.executable).parent
