@@ -123,6 +123,14 @@ def distribution_strategy(name: str):
     return tf.distribute.get_strategy()
 
 
+def epochs_logged(state: Path) -> int:
+    """Epochs finished so far in this run (rows of the per-epoch CSV in its state folder)."""
+    path = state / HISTORY_NAME
+    if not path.is_file():
+        return 0
+    return max(0, len(path.read_text().splitlines()) - 1)
+
+
 def config_fingerprint(cfg: DictConfig, name: str) -> str:
     """What a resumed run must share with the killed one: data, model and training params."""
     relevant = {k: OmegaConf.to_container(cfg[k], resolve=True)
@@ -195,13 +203,15 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
         ]
         log.info("phase %s: up to %d epochs at learning rate %g (%d trainable weights)",
                  phase.name, phase.epochs, phase.learning_rate, len(model.trainable_weights))
-        history = model.fit(train_ds, validation_data=val_ds, initial_epoch=epoch,
-                            epochs=epoch + phase.epochs, callbacks=callbacks,
-                            class_weight=class_weight, verbose=t.verbose,
-                            shuffle=False)  # the tf.data pipeline reshuffles every epoch
-        epoch += len(history.epoch) if history.epoch else 0
+        phase_start = epoch  # where the previous phase ended
+        model.fit(train_ds, validation_data=val_ds, initial_epoch=epochs_logged(state),
+                  epochs=phase_start + phase.epochs, callbacks=callbacks,
+                  class_weight=class_weight, verbose=t.verbose,
+                  shuffle=False)  # the tf.data pipeline reshuffles every epoch
+        # Count what the CSV holds: right also when BackupAndRestore resumed mid-phase.
+        epoch = epochs_logged(state)
         record = {"phase": phase.name, "learning_rate": phase.learning_rate,
-                  "epochs_run": len(history.epoch), "last_epoch": epoch,
+                  "epochs_run": epoch - phase_start, "last_epoch": epoch,
                   "best_val_loss_so_far": float(checkpoint.best)}
         records.append(record)
         done.write_text(json.dumps(record))

@@ -47,3 +47,36 @@ def test_kill_9_mid_training_then_rerun_continues_from_the_last_epoch(prepared_t
     history = pd.read_csv(tmp_path / "models" / "cnn" / "history.csv")
     assert history["epoch"].tolist() == list(range(1, epochs + 1))  # each epoch exactly once
     assert not (tmp_path / "backup" / "cnn").exists()  # state cleaned up after success
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_kill_9_during_fine_tuning_resumes_inside_the_second_phase(prepared_tiny, tmp_path):
+    from tests.conftest import shared_path
+
+    weights = shared_path("weights", "mobilenet_v1_alpha0.25_224_imagenet_no_top.h5")
+    command = [c for c in train_command(prepared_tiny, tmp_path, 3) if c != "model=cnn"] + [
+        "model=transfer", f"models.transfer.weights={weights}",
+        "models.transfer.fine_tune_epochs=20", "models.transfer.fine_tune_layers=20"]
+    state_csv = tmp_path / "backup" / "transfer" / "history.csv"
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # 3 frozen epochs, then 2 of fine-tuning
+        if state_csv.is_file() and len(state_csv.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 5 <= len(pd.read_csv(state_csv)) < 23, "killed outside the fine-tuning phase"
+
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    history = pd.read_csv(tmp_path / "models" / "transfer" / "history.csv")
+    assert history["epoch"].tolist() == list(range(1, 24))
+    assert history["phase"].tolist() == ["feature_extraction"] * 3 + ["fine_tuning"] * 20
+    import json
+
+    summary = json.loads((tmp_path / "models" / "transfer" / "train_summary.json").read_text())
+    assert [(p["phase"], p["epochs_run"], p["last_epoch"]) for p in summary["phases"]] == [
+        ("feature_extraction", 3, 3), ("fine_tuning", 20, 23)]
