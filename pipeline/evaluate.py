@@ -124,17 +124,16 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
 
     summary = json.loads((model_dir / SUMMARY_NAME).read_text())
     history = pd.read_csv(model_dir / HISTORY_NAME)
-    best = history.loc[history["epoch"] == summary["best_epoch"]].iloc[0]
     result.update({
         "model": name,
         "kind": summary["kind"],
         "pretrained": summary["pretrained"],
         "best_epoch": summary["best_epoch"],
         "epochs_run": summary["epochs"],
-        "train_loss_at_best": float(best["loss"]),
-        "val_loss_at_best": float(best["val_loss"]),
+        "train_loss_at_best": summary["train_loss_at_best"],
+        "val_loss_at_best": summary["best_val_loss"],
         # Positive and growing gap = the model fits the training set better than unseen data.
-        "generalization_gap": float(best["val_loss"] - best["loss"]),
+        "generalization_gap": summary["best_val_loss"] - summary["train_loss_at_best"],
         "train_wall_time_s": summary["wall_time_s"],
     })
 
