@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.errors import PipelineError
+from pipeline.inference import TTA_MODES
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class FolderConfig:
     dec_column: str | None = None
     image_root: str | None = None
     label_map: dict[str, str] | None = None
+    credit: str | None = None
 
 
 @dataclass
@@ -160,6 +162,7 @@ class ModelConfig:
     """Both architectures in one schema; ``kind`` says which keys the builder reads."""
 
     kind: str = "cnn"
+    train: dict[str, Any] = field(default_factory=dict)  # this model's train.* overrides
     # shared head
     dense_units: int = 128
     dropout: float = 0.3
@@ -171,12 +174,13 @@ class ModelConfig:
     padding: str = "same"
     pool_size: int = 2
     batch_norm: bool = True
+    # both: side the image is resized to inside the model (None = prepare.image_size)
+    input_size: int | None = None
     # transfer
     backbone: str = "mobilenet_v2"
     alpha: float = 1.0
     weights: str | None = "imagenet"
     allow_random_init: bool = True
-    input_size: int | None = None
     fine_tune_layers: int = 30
     fine_tune_epochs: int = 10
     fine_tune_learning_rate: float = 1e-4
@@ -192,12 +196,18 @@ class TrainConfig:
     reduce_lr_patience: int = 3
     reduce_lr_factor: float = 0.3
     class_weight: str = "balanced"
+    prior_correction: str = "fit"
     seed: int = 42
     deterministic: bool = False
     mixed_precision: bool = False
     jit_compile: bool = False
     strategy: str = "default"
     verbose: int = 2
+
+
+@dataclass
+class EvaluateConfig:
+    tta: str = "dihedral"
 
 
 @dataclass
@@ -210,6 +220,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 # --------------------------------------------------------------------------- validation
@@ -274,6 +285,10 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     _require(0 < a.crop_fraction <= 1, "augment.crop_fraction", a.crop_fraction,
              "a fraction in (0, 1]")
 
+    _require(merged.evaluate.tta in TTA_MODES, "evaluate.tta", merged.evaluate.tta,
+             f"one of {list(TTA_MODES)} (test-time views averaged per image)")
+
+    _validate_train(t, "train")
     _require(len(merged.models) >= 1, "models", {}, "at least one model entry")
     _require(merged.model in merged.models, "model", merged.model,
              f"one of {list(merged.models)} (the keys of 'models')")
@@ -292,6 +307,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         _require(mc.pool_size >= 1, f"{k}.pool_size", mc.pool_size, "an integer >= 1")
         _require(mc.backbone in BACKBONES, f"{k}.backbone", mc.backbone,
                  f"one of {list(BACKBONES)}")
+        _validate_train(model_train_config(merged, name), f"{k}.train")
         _require(mc.input_size is None or mc.input_size >= 32, f"{k}.input_size", mc.input_size,
                  "null (use prepare.image_size) or an integer >= 32")
         _require(mc.fine_tune_layers >= 0, f"{k}.fine_tune_layers", mc.fine_tune_layers,
@@ -301,19 +317,40 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         _require(mc.fine_tune_learning_rate > 0, f"{k}.fine_tune_learning_rate",
                  mc.fine_tune_learning_rate, "a positive number")
 
-    _require(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
-    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
-    _require(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a positive number")
-    _require(t.early_stopping_patience >= 1, "train.early_stopping_patience",
-             t.early_stopping_patience, "an integer >= 1")
-    _require(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta",
-             t.early_stopping_min_delta, "a loss change >= 0")
-    _require(0 < t.reduce_lr_factor < 1, "train.reduce_lr_factor", t.reduce_lr_factor,
-             "a factor in (0, 1)")
-    _require(t.strategy in STRATEGIES, "train.strategy", t.strategy, f"one of {list(STRATEGIES)}")
-    _require(t.class_weight in ("balanced", "none"), "train.class_weight", t.class_weight,
-             "'balanced' or 'none'")
     return merged
+
+
+def _validate_train(t: DictConfig, key: str) -> None:
+    """Range checks of a train config: the shared one, or a model's merged one."""
+    _require(t.epochs >= 1, f"{key}.epochs", t.epochs, "an integer >= 1")
+    _require(t.batch_size >= 1, f"{key}.batch_size", t.batch_size, "an integer >= 1")
+    _require(t.learning_rate > 0, f"{key}.learning_rate", t.learning_rate, "a positive number")
+    _require(t.early_stopping_patience >= 1, f"{key}.early_stopping_patience",
+             t.early_stopping_patience, "an integer >= 1")
+    _require(t.early_stopping_min_delta >= 0, f"{key}.early_stopping_min_delta",
+             t.early_stopping_min_delta, "a loss change >= 0")
+    _require(0 < t.reduce_lr_factor < 1, f"{key}.reduce_lr_factor", t.reduce_lr_factor,
+             "a factor in (0, 1)")
+    _require(t.strategy in STRATEGIES, f"{key}.strategy", t.strategy, f"one of {list(STRATEGIES)}")
+    _require(t.class_weight in ("balanced", "none"), f"{key}.class_weight", t.class_weight,
+             "'balanced' or 'none'")
+    _require(t.prior_correction in ("fit", "none"), f"{key}.prior_correction",
+             t.prior_correction, "'fit' (undo part of the class weights, chosen on validation "
+             "macro-F1) or 'none'")
+
+
+def model_train_config(cfg: DictConfig, name: str) -> DictConfig:
+    """``train`` with ``models.<name>.train`` merged over it: what that model trains with.
+
+    Models differ in what suits them (a CNN from scratch wants more epochs than a frozen
+    backbone's head), so each may override any ``train`` key; unknown keys are refused.
+    """
+    overrides = cfg.models[name].get("train") or {}
+    try:
+        return OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg.train, overrides)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"config key 'models.{name}.train.{key}': {_first_line(err)}") from None
 
 
 def _validate_sdss(d: DictConfig) -> None:

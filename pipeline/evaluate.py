@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from pipeline import plots
 from pipeline.config import stage_main
+from pipeline.inference import TTA_MODES, predict_proba
 from pipeline.io import atomic_path, atomic_write_json
 from pipeline.labels import LabelScheme
 from pipeline.prepare import META_NAME, load_split
@@ -118,11 +119,13 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
     scheme = LabelScheme.from_names(meta["classes"])
     test = load_split(Path(cfg.paths.prepared), "test")
     model = load_model(model_dir)
-    proba = model.predict(test["images"].astype(np.float32), batch_size=256, verbose=0)
+    summary = json.loads((model_dir / SUMMARY_NAME).read_text())
+    decision = summary.get("decision") or {}
+    proba = predict_proba(model, test["images"].astype(np.float32), cfg.evaluate.tta,
+                          class_factors=decision.get("class_factors"))
     y = test["labels"]
     result = classification_metrics(y, proba, scheme)
 
-    summary = json.loads((model_dir / SUMMARY_NAME).read_text())
     history = pd.read_csv(model_dir / HISTORY_NAME)
     result.update({
         "model": name,
@@ -135,6 +138,9 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
         # Positive and growing gap = the model fits the training set better than unseen data.
         "generalization_gap": summary["best_val_loss"] - summary["train_loss_at_best"],
         "train_wall_time_s": summary["wall_time_s"],
+        "tta": cfg.evaluate.tta,
+        "tta_views": TTA_MODES[cfg.evaluate.tta],
+        "prior_correction_alpha": decision.get("alpha", 0.0),
     })
 
     predictions = pd.DataFrame({"objid": test["objid"], "actual": scheme.decode(y),

@@ -44,7 +44,11 @@ BACKBONES = {
 }
 
 
-RANDOM_INIT_BN_MOMENTUM = 0.9
+# Keras' default batch-norm momentum (0.99) lets the moving statistics that validation uses
+# trail the batch statistics by ~100 steps: epochs of a few thousand galaxies are only tens of
+# steps, so validation would score a different network from the one training. 0.9 tracks
+# within ~10 steps.
+BN_MOMENTUM = 0.9
 
 
 @dataclass
@@ -82,30 +86,40 @@ def conv_output_size(size: int, mc: DictConfig) -> int:
 
 def build_cnn(mc: DictConfig, input_shape: tuple[int, int, int], n_classes: int,
               train: DictConfig, name: str = "cnn") -> BuiltModel:
-    """Conv -> (batch norm) -> activation -> max-pool blocks, then a dropout-regularised head."""
+    """Conv -> (batch norm) -> activation -> max-pool blocks, then a dropout-regularised head.
+
+    With ``input_size`` set, the image is first resized (antialiased) inside the model, so a
+    small CNN can share the prepared split with a larger transfer model and still see the
+    whole galaxy within the receptive field of its last block.
+    """
     import keras
 
-    if conv_output_size(input_shape[0], mc) < 1:
+    size = int(mc.input_size or input_shape[0])
+    if conv_output_size(size, mc) < 1:
         raise ConfigError(
             f"config key 'models.{name}.filters' = {list(mc.filters)} with padding "
             f"'{mc.padding}', kernel {mc.kernel_size} and pool {mc.pool_size} shrinks a "
-            f"{input_shape[0]}-pixel image below 1 pixel: use fewer blocks, padding 'same', or "
-            "a larger prepare.image_size")
+            f"{size}-pixel image below 1 pixel: use fewer blocks, padding 'same', or "
+            f"a larger models.{name}.input_size / prepare.image_size")
     reg = keras.regularizers.L2(mc.l2) if mc.l2 > 0 else None
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs
+    if size != input_shape[0]:
+        x = keras.layers.Resizing(size, size, interpolation="bilinear", antialias=True,
+                                  name="resize")(x)
     for i, filters in enumerate(mc.filters, start=1):
         x = keras.layers.Conv2D(filters, mc.kernel_size, padding=mc.padding,
                                 use_bias=not mc.batch_norm, kernel_regularizer=reg,
                                 name=f"conv{i}")(x)
         if mc.batch_norm:
-            x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+            x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"bn{i}")(x)
         x = keras.layers.Activation(mc.activation, name=f"act{i}")(x)
         x = keras.layers.MaxPooling2D(mc.pool_size, name=f"pool{i}")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = _head(x, mc, n_classes)
     model = keras.Model(inputs, outputs, name=name)
-    return BuiltModel(model, [Phase("train", train.epochs, train.learning_rate)], None)
+    return BuiltModel(model, [Phase("train", train.epochs, train.learning_rate)],
+                      None)
 
 
 def _backbone_weights(mc: DictConfig, name: str) -> str | None:
@@ -163,7 +177,7 @@ def build_transfer(mc: DictConfig, input_shape: tuple[int, int, int], n_classes:
         # epochs, and validation would score at chance while training accuracy climbs.
         for layer in backbone.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = RANDOM_INIT_BN_MOMENTUM
+                layer.momentum = BN_MOMENTUM
     backbone.trainable = not pretrained  # frozen for feature extraction if pretrained
 
     inputs = keras.Input(shape=input_shape, name="image")
@@ -172,7 +186,8 @@ def build_transfer(mc: DictConfig, input_shape: tuple[int, int, int], n_classes:
     if (lo, hi) != (-1.0, 1.0):
         x = keras.layers.Rescaling((hi - lo) / 2, offset=(hi + lo) / 2, name="to_backbone")(x)
     if size != input_shape[0]:
-        x = keras.layers.Resizing(size, size, interpolation="bilinear", name="resize")(x)
+        x = keras.layers.Resizing(size, size, interpolation="bilinear",
+                                  antialias=size < input_shape[0], name="resize")(x)
     x = backbone(x, training=False if pretrained else None)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = _head(x, mc, n_classes)

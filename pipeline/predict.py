@@ -6,11 +6,13 @@
 The preprocessing (centre crop, resize, normalisation) comes from the model's own saved
 ``config.yaml``. Each row of the output has the image path as given, the predicted class, one
 probability per class, the predictive entropy, and, with Monte Carlo dropout, the spread of the
-winning class's probability over dropout masks (Gal & Ghahramani 2016).
+winning class's probability over dropout masks (Gal & Ghahramani 2016). Probabilities are
+averaged over the same test-time views as evaluate used (the model's ``evaluate.tta``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import CONF_DIR
 from pipeline.errors import PipelineError
+from pipeline.inference import TTA_MODES, mc_dropout_probabilities, predict_proba
 from pipeline.io import DISPLAY_SUFFIXES, FITS_SUFFIXES, atomic_path
 
 log = logging.getLogger(__name__)
@@ -50,26 +53,25 @@ def list_inputs(input_path: Path, image_column: str) -> tuple[list[str], list[Pa
     return given, [Path(g) if Path(g).is_absolute() else root / g for g in given]
 
 
-def mc_dropout_probabilities(model, images: np.ndarray, samples: int, batch_size: int,
-                             seed: int) -> np.ndarray:
-    """``samples`` softmax outputs per image with the head's dropout left on.
+def tta_mode(cfg: DictConfig, trained: DictConfig) -> str:
+    """``tta`` from the command line, else what the model was evaluated with."""
+    tta = cfg.get("tta")
+    if tta is None:
+        tta = OmegaConf.select(trained, "evaluate.tta", default="none")
+    if tta not in TTA_MODES:
+        raise PredictError(f"tta = {tta!r}: use one of {list(TTA_MODES)}, or null for the "
+                           "model's own evaluate.tta")
+    return str(tta)
 
-    The expensive part (everything up to the pooled features) runs once; only the head, where
-    the dropout layers are, runs ``samples`` times.
-    """
-    import keras
 
-    features = keras.Model(model.inputs, model.get_layer("gap").output).predict(
-        images, batch_size=batch_size, verbose=0)
-    head = model.layers[model.layers.index(model.get_layer("gap")) + 1:]
-    keras.utils.set_random_seed(seed)
-    draws = []
-    for _ in range(samples):
-        x = features
-        for layer in head:
-            x = layer(x, training=True) if isinstance(layer, keras.layers.Dropout) else layer(x)
-        draws.append(keras.ops.convert_to_numpy(x))
-    return np.stack(draws)
+def trained_class_factors(model_dir: Path) -> list[float] | None:
+    """The prior correction the train stage fitted on validation (None for older models)."""
+    from pipeline.train import SUMMARY_NAME
+
+    summary = model_dir / SUMMARY_NAME
+    if not summary.is_file():
+        return None
+    return (json.loads(summary.read_text()).get("decision") or {}).get("class_factors")
 
 
 def run(cfg: DictConfig) -> pd.DataFrame:
@@ -92,14 +94,18 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         raise PredictError(f"input = {str(cfg.input)!r}: none of the {len(paths)} images could "
                            "be read")
     x = images[kept]
+    tta = tta_mode(cfg, trained)
+    factors = trained_class_factors(model_dir)
+    log.info("test-time views: %s (%d per image); prior correction factors %s", tta,
+             TTA_MODES[tta], factors)
     if cfg.mc_dropout_samples > 0:
         draws = mc_dropout_probabilities(model, x, int(cfg.mc_dropout_samples),
-                                         int(cfg.batch_size), int(cfg.seed))
+                                         int(cfg.batch_size), int(cfg.seed), tta, factors)
         proba = draws.mean(axis=0)
         winner = proba.argmax(axis=1)
         spread = draws[:, np.arange(len(x)), winner].std(axis=0)
     else:
-        proba = model.predict(x, batch_size=int(cfg.batch_size), verbose=0)
+        proba = predict_proba(model, x, tta, int(cfg.batch_size), factors)
         spread = np.full(len(x), np.nan)
     entropy = -(proba * np.log(np.clip(proba, 1e-12, 1))).sum(axis=1)
     result = pd.DataFrame({"image": np.array(given)[kept],

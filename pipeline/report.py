@@ -23,7 +23,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from omegaconf import DictConfig
 
-from pipeline.config import stage_main
+from pipeline.config import model_train_config, stage_main
 from pipeline.io import atomic_path, atomic_write_json
 from pipeline.labels import LabelScheme
 from pipeline.prepare import META_NAME
@@ -38,10 +38,22 @@ BOOTSTRAP_N = 1000
 FIGURES = ("learning_curves", "confusion_matrix", "roc", "pr", "reliability", "examples",
            "kernels", "saliency")
 PACKAGES = ("tensorflow", "keras", "numpy", "astropy", "scikit-learn", "hydra-core", "dvc")
-SOURCE_DESCRIPTIONS = {
-    "mock": "simulated SDSS-like gri galaxies rendered by the pipeline from Sersic profiles, "
-            "with PSF, sky and Poisson noise",
-}
+LABEL_CREDITS = {"gz1": "Galaxy Zoo 1 (Lintott et al. 2008, 2011)",
+                 "gz2": "Galaxy Zoo 2 (Willett et al. 2013)"}
+
+
+def source_description(data: DictConfig) -> str:
+    """Where the galaxies and labels came from, with the credit their providers ask for."""
+    if data.source == "mock":
+        return ("simulated SDSS-like gri galaxies rendered by the pipeline from Sersic profiles, "
+                "with PSF, sky and Poisson noise")
+    if data.source == "sdss":
+        sd = data.sdss
+        return (f"SDSS DR{sd.data_release} {sd.image_type} cutouts fetched with astroquery, "
+                f"labels from {LABEL_CREDITS.get(sd.catalog, sd.catalog)} at vote fraction >= "
+                f"{sd.vote_threshold}; imaging credit: the Sloan Digital Sky Survey")
+    text = f"labelled image folder, catalog `{data.folder.catalog}`"
+    return text + (f"; credit: {data.folder.credit}" if data.folder.credit else "")
 
 
 def bootstrap_intervals(predictions: pd.DataFrame, classes: list[str], n: int = BOOTSTRAP_N,
@@ -94,6 +106,13 @@ def diagnose_overfitting(history: pd.DataFrame, best_epoch: int) -> str:
             f"up to the best epoch ({best_epoch}).")
 
 
+def run_overrides() -> list[str]:
+    """The command-line overrides of this run (empty under DVC, which reads params.yaml)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def environment(cfg: DictConfig) -> dict:
     packages = {}
     for name in PACKAGES:
@@ -109,6 +128,7 @@ def environment(cfg: DictConfig) -> dict:
     lock = Path("dvc.lock")
     dvc_lock = hashlib.sha256(lock.read_bytes()).hexdigest()[:12] if lock.is_file() else "none"
     return {"packages": packages, "git_revision": rev, "dvc_lock": dvc_lock,
+            "overrides": run_overrides(),
             "seed": int(cfg.seed),
             "train_seed": int(cfg.train.seed), "python": platform.python_version(),
             "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"}
@@ -127,7 +147,8 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> d
     history = pd.read_csv(model_dir / "history.csv")
     predictions = pd.read_csv(reports / "predictions.csv", dtype={"objid": str})
     if mc.kind == "cnn":
-        architecture = (f"{len(mc.filters)} conv blocks (filters {list(mc.filters)}, kernel "
+        architecture = (f"{mc.input_size or 'native'} px input, "
+                        f"{len(mc.filters)} conv blocks (filters {list(mc.filters)}, kernel "
                         f"{mc.kernel_size}, padding '{mc.padding}', {mc.activation}"
                         f"{', batch norm' if mc.batch_norm else ''}, max-pool {mc.pool_size}), "
                         f"global average pooling, dropout {mc.dropout}, dense {mc.dense_units}, "
@@ -162,8 +183,8 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> d
         "pretrained": summary["pretrained"],
         "phases": summary["phases"],
         "train_images": summary["train_images"],
-        "class_weight_mode": cfg.train.class_weight,
-        "patience": cfg.train.early_stopping_patience,
+        "class_weight_mode": model_train_config(cfg, name).class_weight,
+        "patience": model_train_config(cfg, name).early_stopping_patience,
         "model_path": (model_dir / MODEL_NAME).as_posix(),
         "metrics": metrics,
         "ci": bootstrap_intervals(predictions, data_meta["classes"]),
@@ -175,17 +196,19 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> d
 
 def data_context(cfg: DictConfig, data_meta: dict) -> dict:
     a = cfg.augment
-    if a.copies > 0:
-        augment = (f"{a.copies} copies per galaxy; rotation ±{a.rotation_degrees}°, zoom "
-                   f"±{a.zoom:.0%}, random crop to ≥{a.crop_fraction:.0%} of the side, "
-                   f"{'flips, ' if a.flip else ''}Gaussian blur σ ≤ {a.blur_sigma} px on "
-                   f"{a.blur_probability:.0%} of copies")
+    transforms = (f"rotation ±{a.rotation_degrees}°, zoom ±{a.zoom:.0%}, random crop to "
+                  f"≥{a.crop_fraction:.0%} of the side, {'flips, ' if a.flip else ''}Gaussian "
+                  f"blur σ ≤ {a.blur_sigma} px on {a.blur_probability:.0%} of copies")
+    if a.mode == "on_the_fly" and a.copies > 0:
+        augment = f"fresh random copies in every epoch (on the fly); {transforms}"
+    elif a.copies > 0:
+        augment = f"{a.copies} copies per galaxy; {transforms}"
     else:
         augment = "none"
     s = cfg.prepare.split
     return {
         "source": cfg.data.source,
-        "source_description": SOURCE_DESCRIPTIONS.get(cfg.data.source, cfg.data.source),
+        "source_description": source_description(cfg.data),
         "splits": data_meta["splits"],
         "split_seed": int(s.seed),
         "split_fractions": f"{s.train:.0%} / {s.val:.0%} / {s.test:.0%}",

@@ -9,6 +9,7 @@ while it trains, so a killed run resumes from its last finished epoch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,7 +21,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import stage_main
+from pipeline.config import model_train_config, stage_main
+from pipeline.errors import PipelineError
+from pipeline.inference import fit_prior_correction, predict_proba
 from pipeline.io import atomic_path, atomic_write_json
 from pipeline.labels import LabelScheme
 from pipeline.models import BuiltModel, build_model, set_trainable_from
@@ -139,6 +142,30 @@ def config_fingerprint(cfg: DictConfig, name: str) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class TrainingBusyError(PipelineError, RuntimeError):
+    """Another process is training into the same state folder."""
+
+
+@contextlib.contextmanager
+def exclusive_state(state: Path, name: str):
+    """One training per state folder: a second one would resume from, then delete, the first's
+    files. An advisory ``flock`` beside the folder; the OS drops it if the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): run unguarded
+        yield
+        return
+    state.parent.mkdir(parents=True, exist_ok=True)
+    with (state.parent / f"{state.name}.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainingBusyError(
+                f"{state}: another process is training {name!r} with this state folder; wait "
+                "for it to finish, or give this run its own paths.backup") from None
+        yield
+
+
 def prepare_state_dir(state: Path, fingerprint: str) -> bool:
     """Reuse the state of a killed run with the same config; returns True when resuming."""
     stamp = state / "fingerprint.txt"
@@ -230,6 +257,8 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
 
     cfg = redirect_outputs_in_multirun(cfg)
     name = name or cfg.model
+    # What this model trains with (its models.<name>.train over train), and what config.yaml keeps.
+    cfg = OmegaConf.merge(cfg, {"train": model_train_config(cfg, name)})
     mc = cfg.models[name]
     t = cfg.train
     prepared = Path(cfg.paths.prepared)
@@ -260,52 +289,63 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
     log.info("training %s (%s, %d parameters) on %d images, validating on %d", name, mc.kind,
              built.model.count_params(), len(train["labels"]), len(val["labels"]))
     state = Path(cfg.paths.backup) / name
-    resumed = prepare_state_dir(state, config_fingerprint(cfg, name))
-    if resumed:
-        log.info("resuming %s from the state left in %s", name, state)
-    started = time.perf_counter()
-    with strategy.scope():
-        records = fit_phases(built, data, cfg, state, class_weight)
-    wall = time.perf_counter() - started
+    with exclusive_state(state, name):  # released even if training fails
+        resumed = prepare_state_dir(state, config_fingerprint(cfg, name))
+        if resumed:
+            log.info("resuming %s from the state left in %s", name, state)
+        started = time.perf_counter()
+        with strategy.scope():
+            records = fit_phases(built, data, cfg, state, class_weight)
+        wall = time.perf_counter() - started
 
-    history = pd.read_csv(state / HISTORY_NAME)
-    history["epoch"] = history["epoch"] + 1  # 1-based, as Keras prints them
-    history["phase"] = [built.phases[int(p) - 1].name for p in history["phase"]]
-    best = history.loc[history["val_loss"].idxmin()]
-    summary = {
-        "model": name,
-        "kind": mc.kind,
-        "pretrained": built.pretrained,
-        "backbone": mc.backbone if mc.kind == "transfer" else None,
-        "weights": (str(mc.weights) if mc.weights is not None else None)
-        if mc.kind == "transfer" else None,
-        "classes": list(scheme.classes),
-        "input_shape": list(input_shape),
-        "parameters": int(built.model.count_params()),
-        "strategy": type(strategy).__name__,
-        "replicas": int(strategy.num_replicas_in_sync),
-        "mixed_precision": bool(t.mixed_precision),
-        "jit_compile": bool(t.jit_compile),
-        "train_images": len(train["labels"]),
-        "val_images": len(val["labels"]),
-        "class_weight": class_weight,
-        "phases": records,
-        "epochs": len(history),
-        "best_epoch": int(best["epoch"]),
-        "best_val_loss": float(best["val_loss"]),
-        "train_loss_at_best": float(best["loss"]),
-        "wall_time_s": round(wall, 1),
-        "resumed": resumed,
-    }
-    out = Path(cfg.paths.models) / name
-    keras.mixed_precision.set_global_policy("float32")  # leave the process as we found it
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        built.model.save(tmp / MODEL_NAME)
-        history.to_csv(tmp / HISTORY_NAME, index=False)
-        OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
-        atomic_write_json(tmp / SUMMARY_NAME, summary)
-    shutil.rmtree(state, ignore_errors=True)
+        decision = {"alpha": 0.0, "class_factors": None, "validation_macro_f1": {}}
+        if t.prior_correction == "fit":
+            val_proba = predict_proba(built.model, val["images"].astype(np.float32),
+                                      cfg.evaluate.tta)
+            decision = fit_prior_correction(val_proba, val["labels"], class_weight,
+                                            scheme.n_classes)
+            log.info("prior correction: alpha %.2f (validation macro-F1 by alpha: %s)",
+                     decision["alpha"], decision["validation_macro_f1"])
+
+        history = pd.read_csv(state / HISTORY_NAME)
+        history["epoch"] = history["epoch"] + 1  # 1-based, as Keras prints them
+        history["phase"] = [built.phases[int(p) - 1].name for p in history["phase"]]
+        best = history.loc[history["val_loss"].idxmin()]
+        summary = {
+            "model": name,
+            "kind": mc.kind,
+            "pretrained": built.pretrained,
+            "backbone": mc.backbone if mc.kind == "transfer" else None,
+            "weights": (str(mc.weights) if mc.weights is not None else None)
+            if mc.kind == "transfer" else None,
+            "classes": list(scheme.classes),
+            "input_shape": list(input_shape),
+            "parameters": int(built.model.count_params()),
+            "strategy": type(strategy).__name__,
+            "replicas": int(strategy.num_replicas_in_sync),
+            "mixed_precision": bool(t.mixed_precision),
+            "jit_compile": bool(t.jit_compile),
+            "train_images": len(train["labels"]),
+            "val_images": len(val["labels"]),
+            "class_weight": class_weight,
+            "decision": decision,
+            "phases": records,
+            "epochs": len(history),
+            "best_epoch": int(best["epoch"]),
+            "best_val_loss": float(best["val_loss"]),
+            "train_loss_at_best": float(best["loss"]),
+            "wall_time_s": round(wall, 1),
+            "resumed": resumed,
+        }
+        out = Path(cfg.paths.models) / name
+        keras.mixed_precision.set_global_policy("float32")  # leave the process as we found it
+        with atomic_path(out) as tmp:
+            tmp.mkdir(parents=True)
+            built.model.save(tmp / MODEL_NAME)
+            history.to_csv(tmp / HISTORY_NAME, index=False)
+            OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
+            atomic_write_json(tmp / SUMMARY_NAME, summary)
+        shutil.rmtree(state, ignore_errors=True)
     log.info("saved %s: best epoch %d, val_loss %.4f, %.0f s", out / MODEL_NAME,
              summary["best_epoch"], summary["best_val_loss"], wall)
     return summary

@@ -85,6 +85,9 @@ def test_dot_overrides_reach_one_model_only():
     ("prepare.split.test=0.3", r"'prepare.split' = .* three positive fractions that sum to 1"),
     ("model=resnet", r"'model' = 'resnet' is invalid: one of \['cnn', 'transfer'\]"),
     ("augment.zoom=1.5", r"'augment.zoom' = 1.5 is invalid"),
+    ("+models.cnn.train.learnig_rate=0.1", r"'models.cnn.train.learnig_rate'"),
+    ("+models.cnn.train.epochs=0", r"'models.cnn.train.epochs' = 0 is invalid: an integer >= 1"),
+    ("evaluate.tta=flips", r"'evaluate.tta' = 'flips' is invalid: one of \['none', 'rot4'"),
 ])
 def test_bad_values_are_refused_with_key_value_and_choices(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -102,3 +105,12 @@ def test_unknown_key_is_refused_by_name():
 def test_wrong_type_is_refused_by_name():
     with pytest.raises(ConfigError, match=r"'train.epochs'"):
         validate(compose(["train.epochs=many"]))
+
+
+def test_a_model_may_override_any_train_key_for_itself():
+    from pipeline.config import model_train_config
+
+    cfg = validate(compose(["+models.cnn.train.learning_rate=3e-4", "train.epochs=7"]))
+    cnn, transfer = model_train_config(cfg, "cnn"), model_train_config(cfg, "transfer")
+    assert (cnn.learning_rate, cnn.epochs) == (3e-4, 7)
+    assert (transfer.learning_rate, transfer.epochs) == (1e-3, 7)

@@ -90,3 +90,15 @@ def test_real_imagenet_weights_give_a_frozen_backbone_then_fine_tuning(tiny_cfg)
            if isinstance(layer, keras.layers.BatchNormalization)]
     assert bns and not any(layer.trainable for layer in bns)
     assert backbone.layers[-2].trainable or backbone.layers[-1].trainable
+
+
+def test_cnn_input_size_resizes_inside_the_model(tiny_cfg):
+    """A small CNN can share a larger prepared split: it downsamples first, then convolves."""
+    tiny_cfg.models.cnn.input_size = 16
+    model = build(tiny_cfg, "cnn", size=48).model
+    assert model.input.shape[1:] == (48, 48, 3)
+    assert model.get_layer("conv1").output.shape[1] == 16
+    tiny_cfg.models.cnn.padding = "valid"
+    tiny_cfg.models.cnn.filters = [8, 8, 8]
+    with pytest.raises(ConfigError, match=r"shrinks a 16-pixel image .* models.cnn.input_size"):
+        build(tiny_cfg, "cnn", size=48)

@@ -22,7 +22,7 @@ def predict_cfg(**values):
 
 @pytest.mark.slow
 def test_predict_on_a_catalog_reproduces_evaluate(trained_tiny, tmp_path):
-    cfg, _ = trained_tiny
+    cfg, summaries = trained_tiny
     evaluated = pd.read_csv(Path(cfg.paths.reports) / "cnn" / "predictions.csv", dtype=str)
     catalog = pd.read_csv(Path(cfg.paths.raw) / "catalog.csv", dtype=str)
     test_rows = catalog.set_index("objid").loc[evaluated["objid"]].reset_index()
@@ -42,6 +42,21 @@ def test_predict_on_a_catalog_reproduces_evaluate(trained_tiny, tmp_path):
                                evaluated[["p_elliptical", "p_spiral", "p_edge_on"]].astype(float),
                                atol=0.02)
     np.testing.assert_allclose(on_disk.filter(like="p_").sum(axis=1), 1.0, atol=1e-5)
+    # The model's own evaluate.tta is the default; asking for no views changes the numbers.
+    metrics = pd.read_json(Path(cfg.paths.reports) / "cnn" / "metrics.json", typ="series")
+    assert metrics["tta"] == "dihedral" and metrics["tta_views"] == 8
+    decision = summaries["cnn"]["decision"]  # fitted on validation by train, applied by both
+    assert metrics["prior_correction_alpha"] == decision["alpha"]
+    assert set(decision["validation_macro_f1"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
+    single = predict.run(predict_cfg(model_dir=str(Path(cfg.paths.models) / "cnn"),
+                                     input=str(user_catalog), image_column="path", tta="none",
+                                     output=str(tmp_path / "one.csv"), mc_dropout_samples=0))
+    assert not np.allclose(single["p_spiral"], out["p_spiral"], atol=1e-4)
+    with pytest.raises(predict.PredictError, match=r"tta = 'flip': use one of \['none'"):
+        predict.run(predict_cfg(model_dir=str(Path(cfg.paths.models) / "cnn"),
+                                input=str(user_catalog), image_column="path", tta="flip",
+                                output=str(tmp_path / "bad.csv"), mc_dropout_samples=0))
+    assert not (tmp_path / "bad.csv").exists()
 
 
 @pytest.mark.slow

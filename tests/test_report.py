@@ -52,3 +52,18 @@ def test_diagnosis_names_overfitting_when_validation_loss_turns_up():
 def test_diagnosis_is_calm_when_curves_stay_together():
     h = history([0.9, 0.5, 0.3, 0.2], [0.92, 0.52, 0.31, 0.21])
     assert diagnose_overfitting(h, 4).startswith("no sign of overfitting")
+
+
+def test_cards_credit_the_data_and_describe_on_the_fly_augmentation():
+    from pipeline.config import compose, validate
+    from pipeline.report import data_context, source_description
+
+    cfg = validate(compose(["experiment=gz1"]))
+    text = source_description(cfg.data)
+    assert "catalog `../shared/data/gz1-dev/labels.csv`" in text
+    assert "Lintott et al. 2008, 2011" in text
+    described = data_context(cfg, {"splits": {}})["augment_description"]
+    assert described.startswith("fresh random copies in every epoch (on the fly)")
+    sdss = validate(compose(["data=sdss"]))
+    assert "Galaxy Zoo 1 (Lintott et al. 2008, 2011) at vote fraction >= 0.8" in (
+        source_description(sdss.data))

@@ -80,3 +80,28 @@ def test_kill_9_during_fine_tuning_resumes_inside_the_second_phase(prepared_tiny
     summary = json.loads((tmp_path / "models" / "transfer" / "train_summary.json").read_text())
     assert [(p["phase"], p["epochs_run"], p["last_epoch"]) for p in summary["phases"]] == [
         ("feature_extraction", 3, 3), ("fine_tuning", 20, 23)]
+
+
+def test_a_second_run_on_the_same_state_folder_is_refused(tmp_path):
+    """Two trainings sharing paths.backup would resume from, then delete, each other's state."""
+    from pipeline.train import TrainingBusyError, exclusive_state
+
+    state = tmp_path / "backup" / "cnn"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from pipeline.train import exclusive_state\n"
+         f"with exclusive_state(Path({str(state)!r}), 'cnn'):\n"
+         "    print('held', flush=True); time.sleep(60)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TrainingBusyError, match=r"another process is training 'cnn' .* "
+                                                     r"its own paths.backup"):
+            with exclusive_state(state, "cnn"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    with exclusive_state(state, "cnn"):  # free again once the holder is gone
+        pass

@@ -1,0 +1,111 @@
+"""How a trained model is applied to images: test-time views and Monte Carlo dropout.
+
+One place for both :mod:`pipeline.evaluate` and :mod:`pipeline.predict`, so the probabilities
+a model card reports are the ones ``predict`` writes for new galaxies.
+
+Test-time augmentation (``tta``) averages the softmax over exact symmetries of the pixel
+grid, as Dieleman et al. (2015) did for Galaxy Zoo: a galaxy's class does not depend on how
+the camera was turned. ``rot4`` is the four 90-degree rotations; ``dihedral`` adds their
+mirror images (8 views). Mirroring turns a clockwise spiral into an anticlockwise one, so
+use ``rot4`` (and ``augment.flip=false``) when those are separate classes.
+
+Class weights make a model answer as if every class were equally common, which buys recall
+on rare classes with precision (and accuracy) on common ones. The *prior correction*
+multiplies the probabilities by ``w_c ** -alpha`` (Saerens et al. 2002 with alpha = 1 restores
+the training-set prior) and renormalises; ``alpha`` is chosen on the validation split by
+macro-F1 when the model is trained, stored in its ``train_summary.json``, and applied by
+evaluate and predict alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+TTA_MODES = {"none": 1, "rot4": 4, "dihedral": 8}
+
+
+def tta_views(images: np.ndarray, mode: str) -> Iterator[np.ndarray]:
+    """The views of a batch of (N, H, W, C) images that ``mode`` averages over."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta = {mode!r}: use one of {list(TTA_MODES)}")
+    if mode == "none":
+        yield images
+        return
+    for quarter_turns in range(4):
+        turned = np.rot90(images, quarter_turns, axes=(1, 2))
+        yield np.ascontiguousarray(turned)
+        if mode == "dihedral":
+            yield np.ascontiguousarray(turned[:, :, ::-1])
+
+
+PRIOR_CORRECTION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def apply_class_factors(proba: np.ndarray, class_factors) -> np.ndarray:
+    """Rescale each class's probability by its factor and renormalise (None: unchanged)."""
+    if class_factors is None:
+        return proba
+    scaled = proba * np.asarray(class_factors, dtype=proba.dtype)
+    return scaled / scaled.sum(axis=-1, keepdims=True)
+
+
+def fit_prior_correction(proba: np.ndarray, labels: np.ndarray, class_weight: dict | None,
+                         n_classes: int) -> dict:
+    """Choose ``alpha`` in :data:`PRIOR_CORRECTION_GRID` by macro-F1 on validation predictions.
+
+    Ties go to the smaller correction. Without class weights there is nothing to undo.
+    """
+    from sklearn.metrics import f1_score
+
+    if not class_weight:
+        return {"alpha": 0.0, "class_factors": None, "validation_macro_f1": {}}
+    weights = np.array([class_weight.get(c, class_weight.get(str(c), 1.0))
+                        for c in range(n_classes)], dtype=np.float64)
+    scores = {}
+    for alpha in PRIOR_CORRECTION_GRID:
+        predicted = apply_class_factors(proba, weights ** -alpha).argmax(axis=1)
+        scores[alpha] = float(f1_score(labels, predicted, average="macro",
+                                       labels=list(range(n_classes)), zero_division=0))
+    best = max(PRIOR_CORRECTION_GRID, key=lambda a: (round(scores[a], 9), -a))
+    return {"alpha": best, "class_factors": [float(f) for f in weights ** -best],
+            "validation_macro_f1": {str(a): round(s, 4) for a, s in scores.items()}}
+
+
+def predict_proba(model, images: np.ndarray, tta: str = "none", batch_size: int = 256,
+                  class_factors=None) -> np.ndarray:
+    """Class probabilities, averaged over the ``tta`` views of each image, then prior-corrected
+    by ``class_factors`` (from the model's ``train_summary.json``; None = as trained)."""
+    total = None
+    for view in tta_views(images, tta):
+        p = model.predict(view, batch_size=batch_size, verbose=0)
+        total = p if total is None else total + p
+    return apply_class_factors(total / TTA_MODES[tta], class_factors)
+
+
+def mc_dropout_probabilities(model, images: np.ndarray, samples: int, batch_size: int,
+                             seed: int, tta: str = "none", class_factors=None) -> np.ndarray:
+    """``samples`` softmax outputs per image with the head's dropout left on (Gal & Ghahramani
+    2016), each averaged over the ``tta`` views: shape (samples, N, classes).
+
+    The expensive part (everything up to the pooled features) runs once per view; only the
+    head, where the dropout layers are, runs ``samples`` times.
+    """
+    import keras
+
+    trunk = keras.Model(model.inputs, model.get_layer("gap").output)
+    head = model.layers[model.layers.index(model.get_layer("gap")) + 1:]
+    features = [trunk.predict(v, batch_size=batch_size, verbose=0)
+                for v in tta_views(images, tta)]
+    keras.utils.set_random_seed(seed)
+    draws = []
+    for _ in range(samples):
+        mean = 0.0
+        for f in features:
+            x = f
+            for layer in head:
+                x = layer(x, training=True) if isinstance(layer, keras.layers.Dropout) else layer(x)
+            mean = mean + keras.ops.convert_to_numpy(x)
+        draws.append(apply_class_factors(mean / len(features), class_factors))
+    return np.stack(draws)

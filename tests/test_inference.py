@@ -1,0 +1,78 @@
+"""Test-time views: the averaged prediction must not depend on how the galaxy was turned."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.inference import TTA_MODES, predict_proba, tta_views
+
+
+@pytest.fixture(scope="module")
+def orientation_sensitive_model():
+    """A dense layer on raw pixels: its answer changes whenever the image is turned."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(3, activation="softmax")])
+    return model
+
+
+def test_dihedral_views_are_the_eight_distinct_symmetries():
+    image = np.random.default_rng(0).normal(size=(1, 5, 5, 2))
+    views = list(tta_views(image, "dihedral"))
+    assert len(views) == 8 == TTA_MODES["dihedral"]
+    assert len({v.tobytes() for v in views}) == 8
+    assert any(np.array_equal(v, image[:, :, ::-1]) for v in views)          # a mirror
+    assert any(np.array_equal(v, np.rot90(image, 1, axes=(1, 2))) for v in views)
+
+
+def test_averaged_prediction_is_the_same_for_a_turned_or_mirrored_galaxy(
+        orientation_sensitive_model):
+    x = np.random.default_rng(1).uniform(-1, 1, size=(4, 8, 8, 3)).astype(np.float32)
+    turned = np.rot90(x, 1, axes=(1, 2)).copy()
+    mirrored = x[:, :, ::-1].copy()
+    model = orientation_sensitive_model
+    plain = predict_proba(model, x, "none")
+    assert not np.allclose(plain, predict_proba(model, turned, "none"), atol=1e-3)
+    dihedral = predict_proba(model, x, "dihedral")
+    np.testing.assert_allclose(dihedral, predict_proba(model, turned, "dihedral"), atol=1e-5)
+    np.testing.assert_allclose(dihedral, predict_proba(model, mirrored, "dihedral"), atol=1e-5)
+    np.testing.assert_allclose(dihedral.sum(axis=1), 1.0, atol=1e-5)
+    # rot4 keeps chirality: invariant to turns, not to mirrors (clockwise vs anticlockwise).
+    rot4 = predict_proba(model, x, "rot4")
+    np.testing.assert_allclose(rot4, predict_proba(model, turned, "rot4"), atol=1e-5)
+    assert not np.allclose(rot4, predict_proba(model, mirrored, "rot4"), atol=1e-3)
+
+
+def test_unknown_view_mode_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"tta = 'flips'.*\['none', 'rot4', 'dihedral'\]"):
+        list(tta_views(np.zeros((1, 4, 4, 3)), "flips"))
+
+
+def test_prior_correction_undoes_class_weights_when_validation_says_so():
+    """A balanced-weight model over-calls the rare class; the fitted correction pulls it back."""
+    from sklearn.metrics import f1_score
+
+    from pipeline.inference import apply_class_factors, fit_prior_correction
+
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(900, int), np.ones(100, int)]
+    # Rare-class probability high for true rare galaxies, but also 0.5-0.7 for many common ones.
+    p_rare = np.where(labels == 1, rng.uniform(0.6, 1.0, 1000), rng.uniform(0.0, 0.7, 1000))
+    proba = np.c_[1 - p_rare, p_rare]
+    weights = {0: 1000 / (2 * 900), 1: 1000 / (2 * 100)}
+    decision = fit_prior_correction(proba, labels, weights, 2)
+    assert decision["alpha"] > 0
+    factors = np.array(decision["class_factors"])
+    np.testing.assert_allclose(factors, np.array([weights[0], weights[1]]) ** -decision["alpha"])
+    corrected = apply_class_factors(proba, factors)
+    np.testing.assert_allclose(corrected.sum(axis=1), 1.0)
+    before = f1_score(labels, proba.argmax(1), average="macro")
+    after = f1_score(labels, corrected.argmax(1), average="macro")
+    assert after > before + 0.05
+    assert decision["validation_macro_f1"][str(decision["alpha"])] == pytest.approx(after, abs=1e-4)
+    # Without class weights there is nothing to undo.
+    assert fit_prior_correction(proba, labels, None, 2)["class_factors"] is None
+    assert apply_class_factors(proba, None) is proba
