@@ -197,6 +197,7 @@ class TrainConfig:
     reduce_lr_factor: float = 0.3
     class_weight: str = "balanced"
     prior_correction: str = "fit"
+    min_epochs: int = 0
     seed: int = 42
     deterministic: bool = False
     mixed_precision: bool = False
@@ -334,6 +335,7 @@ def _validate_train(t: DictConfig, key: str) -> None:
     _require(t.strategy in STRATEGIES, f"{key}.strategy", t.strategy, f"one of {list(STRATEGIES)}")
     _require(t.class_weight in ("balanced", "none"), f"{key}.class_weight", t.class_weight,
              "'balanced' or 'none'")
+    _require(t.min_epochs >= 0, f"{key}.min_epochs", t.min_epochs, "an integer >= 0")
     _require(t.prior_correction in ("fit", "none"), f"{key}.prior_correction",
              t.prior_correction, "'fit' (undo part of the class weights, chosen on validation "
              "macro-F1) or 'none'")

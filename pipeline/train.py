@@ -179,11 +179,43 @@ def prepare_state_dir(state: Path, fingerprint: str) -> bool:
     return False
 
 
+def _checkpoint_after_class():
+    import keras
+
+    class CheckpointAfter(keras.callbacks.ModelCheckpoint):
+        """ModelCheckpoint that ignores epochs before ``start_epoch`` (``train.min_epochs``), as
+        ``EarlyStopping(start_from_epoch=...)`` does: an early, lucky validation score on a
+        small validation split is not kept as the best model."""
+
+        start_epoch = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch >= self.start_epoch:
+                super().on_epoch_end(epoch, logs)
+
+    return CheckpointAfter
+
+
+def best_epoch_row(history, records: list[dict], min_epochs: int):
+    """The history row of the weights kept: lowest val_loss among epochs past each phase's
+    first ``min_epochs`` (the last epoch if none qualified, as then nothing was restored)."""
+    eligible = np.ones(len(history), dtype=bool)
+    for record in records:
+        start = record["last_epoch"] - record["epochs_run"]
+        warmup = (history["epoch"] > start) & (history["epoch"] <= start + min_epochs)
+        eligible &= ~warmup.to_numpy()
+    if not eligible.any():
+        return history.iloc[-1]
+    candidates = history[eligible]
+    return candidates.loc[candidates["val_loss"].idxmin()]
+
+
 def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
                class_weight: dict | None) -> list[dict]:
     """Run the builder's phases in order through one ``fit`` loop; returns per-phase records."""
     import keras
 
+    CheckpointAfter = _checkpoint_after_class()
     t = cfg.train
     model = built.model
     x_train, y_train = data["train"]
@@ -194,7 +226,7 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
                             deterministic=bool(t.deterministic))
     val_ds = make_dataset(x_val, y_val, t.batch_size, False, t.seed)
     best_weights = state / "best.weights.h5"
-    checkpoint = keras.callbacks.ModelCheckpoint(
+    checkpoint = CheckpointAfter(
         best_weights, monitor="val_loss", save_best_only=True, save_weights_only=True)
     records, epoch = [], 0
     for number, phase in enumerate(built.phases, start=1):
@@ -216,12 +248,13 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
             metrics=["accuracy"],
             jit_compile=bool(t.jit_compile),
         )
+        early_stopping = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=t.early_stopping_patience,
+            min_delta=t.early_stopping_min_delta, restore_best_weights=True, verbose=1)
         callbacks = [
             keras.callbacks.BackupAndRestore(str(state / f"backup_{phase.name}")),
             epoch_stats_callback(number, len(x_train)),
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.early_stopping_patience,
-                                          min_delta=t.early_stopping_min_delta,
-                                          restore_best_weights=True, verbose=1),
+            early_stopping,
             keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=t.reduce_lr_factor,
                                               patience=t.reduce_lr_patience,
                                               min_delta=t.early_stopping_min_delta, verbose=1),
@@ -231,6 +264,7 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
         log.info("phase %s: up to %d epochs at learning rate %g (%d trainable weights)",
                  phase.name, phase.epochs, phase.learning_rate, len(model.trainable_weights))
         phase_start = epoch  # where the previous phase ended
+        checkpoint.start_epoch = early_stopping.start_from_epoch = phase_start + t.min_epochs
         model.fit(train_ds, validation_data=val_ds, initial_epoch=epochs_logged(state),
                   epochs=phase_start + phase.epochs, callbacks=callbacks,
                   class_weight=class_weight, verbose=t.verbose,
@@ -310,7 +344,7 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
         history = pd.read_csv(state / HISTORY_NAME)
         history["epoch"] = history["epoch"] + 1  # 1-based, as Keras prints them
         history["phase"] = [built.phases[int(p) - 1].name for p in history["phase"]]
-        best = history.loc[history["val_loss"].idxmin()]
+        best = best_epoch_row(history, records, int(t.min_epochs))
         summary = {
             "model": name,
             "kind": mc.kind,

@@ -95,10 +95,9 @@ def test_a_second_run_on_the_same_state_folder_is_refused(tmp_path):
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(TrainingBusyError, match=r"another process is training 'cnn' .* "
-                                                     r"its own paths.backup"):
-            with exclusive_state(state, "cnn"):
-                pass
+        busy = r"another process is training 'cnn' .* its own paths.backup"
+        with pytest.raises(TrainingBusyError, match=busy), exclusive_state(state, "cnn"):
+            pass
     finally:
         holder.kill()
         holder.wait()

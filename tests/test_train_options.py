@@ -70,3 +70,26 @@ def test_on_the_fly_mode_stores_no_copies_and_trains(tmp_path):
     assert not load_arrays(Path(cfg.paths.prepared) / "train")["augmented"].any()
     summary = train.run(cfg, "cnn")
     assert summary["train_images"] == meta["splits"]["train"]["galaxies"]
+
+
+def test_best_epoch_skips_each_phases_first_min_epochs():
+    history = pd.DataFrame({"epoch": range(1, 9),
+                            "val_loss": [0.1, 0.9, 0.8, 0.7, 0.05, 0.6, 0.5, 0.55]})
+    records = [{"last_epoch": 4, "epochs_run": 4}, {"last_epoch": 8, "epochs_run": 4}]
+    assert train.best_epoch_row(history, records, 0)["epoch"] == 5
+    # Epochs 1-2 and 5-6 are each phase's warm-up: the lucky 0.1 and 0.05 do not count.
+    assert train.best_epoch_row(history, records, 2)["epoch"] == 7
+    assert train.best_epoch_row(history, records, 10)["epoch"] == 8  # none qualified: the last
+
+
+@pytest.mark.slow
+def test_min_epochs_keeps_no_early_epoch(prepared_tiny, tmp_path):
+    cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
+                      f"paths.prepared={prepared_tiny.paths.prepared}", "train.epochs=4",
+                      "train.min_epochs=2", "train.early_stopping_patience=1000")
+    summary = train.run(cfg, "cnn")
+    history = pd.read_csv(Path(cfg.paths.models) / "cnn" / "history.csv")
+    assert len(history) == 4
+    later = history[history["epoch"] > 2]
+    assert summary["best_epoch"] == int(later.loc[later["val_loss"].idxmin(), "epoch"])
+    assert summary["best_val_loss"] == pytest.approx(later["val_loss"].min())
