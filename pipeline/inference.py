@@ -61,8 +61,7 @@ def fit_prior_correction(proba: np.ndarray, labels: np.ndarray, class_weight: di
 
     if not class_weight:
         return {"alpha": 0.0, "class_factors": None, "validation_macro_f1": {}}
-    weights = np.array([class_weight.get(c, class_weight.get(str(c), 1.0))
-                        for c in range(n_classes)], dtype=np.float64)
+    weights = np.array([class_weight.get(c, 1.0) for c in range(n_classes)], dtype=np.float64)
     scores = {}
     for alpha in PRIOR_CORRECTION_GRID:
         predicted = apply_class_factors(proba, weights ** -alpha).argmax(axis=1)

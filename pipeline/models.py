@@ -118,8 +118,7 @@ def build_cnn(mc: DictConfig, input_shape: tuple[int, int, int], n_classes: int,
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = _head(x, mc, n_classes)
     model = keras.Model(inputs, outputs, name=name)
-    return BuiltModel(model, [Phase("train", train.epochs, train.learning_rate)],
-                      None)
+    return BuiltModel(model, [Phase("train", train.epochs, train.learning_rate)], None)
 
 
 def _backbone_weights(mc: DictConfig, name: str) -> str | None:

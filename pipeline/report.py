@@ -146,6 +146,7 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> d
     summary = json.loads((model_dir / SUMMARY_NAME).read_text())
     history = pd.read_csv(model_dir / "history.csv")
     predictions = pd.read_csv(reports / "predictions.csv", dtype={"objid": str})
+    trained_with = model_train_config(cfg, name)
     if mc.kind == "cnn":
         architecture = (f"{mc.input_size or 'native'} px input, "
                         f"{len(mc.filters)} conv blocks (filters {list(mc.filters)}, kernel "
@@ -183,8 +184,8 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> d
         "pretrained": summary["pretrained"],
         "phases": summary["phases"],
         "train_images": summary["train_images"],
-        "class_weight_mode": model_train_config(cfg, name).class_weight,
-        "patience": model_train_config(cfg, name).early_stopping_patience,
+        "class_weight_mode": trained_with.class_weight,
+        "patience": trained_with.early_stopping_patience,
         "model_path": (model_dir / MODEL_NAME).as_posix(),
         "metrics": metrics,
         "ci": bootstrap_intervals(predictions, data_meta["classes"]),

@@ -179,23 +179,6 @@ def prepare_state_dir(state: Path, fingerprint: str) -> bool:
     return False
 
 
-def _checkpoint_after_class():
-    import keras
-
-    class CheckpointAfter(keras.callbacks.ModelCheckpoint):
-        """ModelCheckpoint that ignores epochs before ``start_epoch`` (``train.min_epochs``), as
-        ``EarlyStopping(start_from_epoch=...)`` does: an early, lucky validation score on a
-        small validation split is not kept as the best model."""
-
-        start_epoch = 0
-
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch >= self.start_epoch:
-                super().on_epoch_end(epoch, logs)
-
-    return CheckpointAfter
-
-
 def best_epoch_row(history, records: list[dict], min_epochs: int):
     """The history row of the weights kept: lowest val_loss among epochs past each phase's
     first ``min_epochs`` (the last epoch if none qualified, as then nothing was restored)."""
@@ -215,7 +198,17 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
     """Run the builder's phases in order through one ``fit`` loop; returns per-phase records."""
     import keras
 
-    CheckpointAfter = _checkpoint_after_class()
+    class CheckpointAfter(keras.callbacks.ModelCheckpoint):
+        """Ignores epochs before ``start_epoch`` (``train.min_epochs``), as
+        ``EarlyStopping(start_from_epoch=...)`` does, so an early, lucky validation score is
+        not kept as the best model."""
+
+        start_epoch = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch >= self.start_epoch:
+                super().on_epoch_end(epoch, logs)
+
     t = cfg.train
     model = built.model
     x_train, y_train = data["train"]
