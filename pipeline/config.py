@@ -39,6 +39,7 @@ PADDINGS = ("valid", "same")
 SOURCES = ("mock", "folder", "sdss")
 BACKBONES = ("mobilenet_v2", "mobilenet")
 STRATEGIES = ("default", "mirrored", "multi_worker")
+LR_SCHEDULES = ("plateau", "cosine")
 
 
 class ConfigError(PipelineError, ValueError):
@@ -195,6 +196,8 @@ class TrainConfig:
     early_stopping_min_delta: float = 1e-3
     reduce_lr_patience: int = 3
     reduce_lr_factor: float = 0.3
+    lr_schedule: str = "plateau"
+    warmup_epochs: int = 0
     class_weight: str = "balanced"
     prior_correction: str = "fit"
     min_epochs: int = 0
@@ -321,6 +324,15 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     return merged
 
 
+def _fraction(value) -> float | None:
+    """``value`` as a number in [0, 1], or None if it is not one."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if 0.0 <= number <= 1.0 else None
+
+
 def _validate_train(t: DictConfig, key: str) -> None:
     """Range checks of a train config: the shared one, or a model's merged one."""
     _require(t.epochs >= 1, f"{key}.epochs", t.epochs, "an integer >= 1")
@@ -335,10 +347,14 @@ def _validate_train(t: DictConfig, key: str) -> None:
     _require(t.strategy in STRATEGIES, f"{key}.strategy", t.strategy, f"one of {list(STRATEGIES)}")
     _require(t.class_weight in ("balanced", "none"), f"{key}.class_weight", t.class_weight,
              "'balanced' or 'none'")
+    _require(t.lr_schedule in LR_SCHEDULES, f"{key}.lr_schedule", t.lr_schedule,
+             f"one of {list(LR_SCHEDULES)}")
+    _require(t.warmup_epochs >= 0, f"{key}.warmup_epochs", t.warmup_epochs, "an integer >= 0")
     _require(t.min_epochs >= 0, f"{key}.min_epochs", t.min_epochs, "an integer >= 0")
-    _require(t.prior_correction in ("fit", "none"), f"{key}.prior_correction",
-             t.prior_correction, "'fit' (undo part of the class weights, chosen on validation "
-             "macro-F1) or 'none'")
+    _require(t.prior_correction in ("fit", "none") or _fraction(t.prior_correction) is not None,
+             f"{key}.prior_correction", t.prior_correction,
+             "'fit' (undo part of the class weights, alpha chosen on validation macro-F1), "
+             "'none', or a fixed alpha in [0, 1]")
 
 
 def model_train_config(cfg: DictConfig, name: str) -> DictConfig:

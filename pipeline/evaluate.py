@@ -141,6 +141,7 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
         "tta": cfg.evaluate.tta,
         "tta_views": TTA_MODES[cfg.evaluate.tta],
         "prior_correction_alpha": decision.get("alpha", 0.0),
+        "prior_correction": decision.get("how", "fit"),  # fit, none or a fixed alpha
     })
 
     predictions = pd.DataFrame({"objid": test["objid"], "actual": scheme.decode(y),

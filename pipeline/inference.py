@@ -13,8 +13,9 @@ Class weights make a model answer as if every class were equally common, which b
 on rare classes with precision (and accuracy) on common ones. The *prior correction*
 multiplies the probabilities by ``w_c ** -alpha`` (Saerens et al. 2002 with alpha = 1 restores
 the training-set prior) and renormalises; ``alpha`` is chosen on the validation split by
-macro-F1 when the model is trained, stored in its ``train_summary.json``, and applied by
-evaluate and predict alike.
+macro-F1 when the model is trained (or fixed by ``train.prior_correction=<alpha>``: on a small
+validation split the fitted value is noisy), stored in its ``train_summary.json``, and applied
+by evaluate and predict alike.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ def apply_class_factors(proba: np.ndarray, class_factors) -> np.ndarray:
 
 
 def fit_prior_correction(proba: np.ndarray, labels: np.ndarray, class_weight: dict | None,
-                         n_classes: int) -> dict:
-    """Choose ``alpha`` in :data:`PRIOR_CORRECTION_GRID` by macro-F1 on validation predictions.
+                         n_classes: int, grid: tuple[float, ...] = PRIOR_CORRECTION_GRID) -> dict:
+    """Choose ``alpha`` in ``grid`` by macro-F1 on validation predictions.
 
-    Ties go to the smaller correction. Without class weights there is nothing to undo.
+    Ties go to the smaller correction. A one-value grid is a fixed ``alpha`` (its validation
+    score is still reported). Without class weights there is nothing to undo.
     """
     from sklearn.metrics import f1_score
 
@@ -63,11 +65,11 @@ def fit_prior_correction(proba: np.ndarray, labels: np.ndarray, class_weight: di
         return {"alpha": 0.0, "class_factors": None, "validation_macro_f1": {}}
     weights = np.array([class_weight.get(c, 1.0) for c in range(n_classes)], dtype=np.float64)
     scores = {}
-    for alpha in PRIOR_CORRECTION_GRID:
+    for alpha in grid:
         predicted = apply_class_factors(proba, weights ** -alpha).argmax(axis=1)
         scores[alpha] = float(f1_score(labels, predicted, average="macro",
                                        labels=list(range(n_classes)), zero_division=0))
-    best = max(PRIOR_CORRECTION_GRID, key=lambda a: (round(scores[a], 9), -a))
+    best = max(grid, key=lambda a: (round(scores[a], 9), -a))
     return {"alpha": best, "class_factors": [float(f) for f in weights ** -best],
             "validation_macro_f1": {str(a): round(s, 4) for a, s in scores.items()}}
 

@@ -2,8 +2,9 @@
 
 Every epoch scores the validation split. Early stopping restores the best weights, the best
 weights are also checkpointed (across phases, so fine-tuning that makes things worse is
-undone), the learning rate is cut on plateaus, and a per-epoch CSV records losses, metrics,
-learning rate, wall time and images per second. The run's state lives in ``paths.backup``
+undone), the learning rate is cut on plateaus or follows a warm-up and cosine decay
+(``train.lr_schedule``), and a per-epoch CSV records losses, metrics, learning rate, wall
+time and images per second. The run's state lives in ``paths.backup``
 while it trains, so a killed run resumes from its last finished epoch.
 """
 
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import model_train_config, stage_main
 from pipeline.errors import PipelineError
-from pipeline.inference import fit_prior_correction, predict_proba
+from pipeline.inference import PRIOR_CORRECTION_GRID, fit_prior_correction, predict_proba
 from pipeline.io import atomic_path, atomic_write_json
 from pipeline.labels import LabelScheme
 from pipeline.models import BuiltModel, build_model, set_trainable_from
@@ -179,6 +180,27 @@ def prepare_state_dir(state: Path, fingerprint: str) -> bool:
     return False
 
 
+def phase_learning_rate(peak: float, epochs: int, steps_per_epoch: int, t: DictConfig):
+    """The optimizer's learning rate for one phase: ``peak`` held and cut on plateaus
+    (``train.lr_schedule=plateau``, with ReduceLROnPlateau), or a cosine decay from ``peak``
+    to zero over the phase after a linear warm-up of ``train.warmup_epochs`` (``cosine``).
+
+    The warm-up matters most when fine-tuning starts: a fresh Adam at full rate on a whole
+    pretrained backbone throws away much of what the frozen phase learnt in its first epochs.
+    The decay makes the last epochs' weights settle, so the epoch early stopping keeps depends
+    less on the noise of a small validation split.
+    """
+    import keras
+
+    if t.lr_schedule == "plateau":
+        return peak
+    warmup = min(int(t.warmup_epochs), epochs - 1) * steps_per_epoch
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=peak / 100 if warmup else peak,
+        decay_steps=max(1, epochs * steps_per_epoch - warmup),
+        warmup_target=peak if warmup else None, warmup_steps=warmup)
+
+
 def best_epoch_row(history, records: list[dict], min_epochs: int):
     """The history row of the weights kept: lowest val_loss among epochs past each phase's
     first ``min_epochs`` (the last epoch if none qualified, as then nothing was restored)."""
@@ -235,8 +257,10 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
             if best_weights.is_file():
                 model.load_weights(best_weights)  # fine-tune from the best frozen-phase weights
             set_trainable_from(model, built.backbone_name, phase.trainable_from)
+        rate = phase_learning_rate(phase.learning_rate, phase.epochs,
+                                   -(-len(y_train) // t.batch_size), t)
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=phase.learning_rate),
+            optimizer=keras.optimizers.Adam(learning_rate=rate),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
             jit_compile=bool(t.jit_compile),
@@ -248,14 +272,18 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
             keras.callbacks.BackupAndRestore(str(state / f"backup_{phase.name}")),
             epoch_stats_callback(number, len(x_train)),
             early_stopping,
-            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=t.reduce_lr_factor,
-                                              patience=t.reduce_lr_patience,
-                                              min_delta=t.early_stopping_min_delta, verbose=1),
             checkpoint,
             keras.callbacks.CSVLogger(str(state / HISTORY_NAME), append=True),
         ]
-        log.info("phase %s: up to %d epochs at learning rate %g (%d trainable weights)",
-                 phase.name, phase.epochs, phase.learning_rate, len(model.trainable_weights))
+        if t.lr_schedule == "plateau":
+            callbacks.insert(3, keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=t.reduce_lr_factor, patience=t.reduce_lr_patience,
+                min_delta=t.early_stopping_min_delta, verbose=1))
+        log.info("phase %s: up to %d epochs at learning rate %g, %s (%d trainable weights)",
+                 phase.name, phase.epochs, phase.learning_rate,
+                 "cut on plateaus" if t.lr_schedule == "plateau" else
+                 f"cosine decay after {t.warmup_epochs} warm-up epochs",
+                 len(model.trainable_weights))
         phase_start = epoch  # where the previous phase ended
         checkpoint.start_epoch = early_stopping.start_from_epoch = phase_start + t.min_epochs
         model.fit(train_ds, validation_data=val_ds, initial_epoch=epochs_logged(state),
@@ -326,11 +354,13 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
         wall = time.perf_counter() - started
 
         decision = {"alpha": 0.0, "class_factors": None, "validation_macro_f1": {}}
-        if t.prior_correction == "fit":
+        if t.prior_correction != "none":
             val_proba = predict_proba(built.model, val["images"].astype(np.float32),
                                       cfg.evaluate.tta)
+            grid = (PRIOR_CORRECTION_GRID if t.prior_correction == "fit"
+                    else (float(t.prior_correction),))
             decision = fit_prior_correction(val_proba, val["labels"], class_weight,
-                                            scheme.n_classes)
+                                            scheme.n_classes, grid)
             log.info("prior correction: alpha %.2f (validation macro-F1 by alpha: %s)",
                      decision["alpha"], decision["validation_macro_f1"])
 
@@ -355,7 +385,7 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
             "train_images": len(train["labels"]),
             "val_images": len(val["labels"]),
             "class_weight": class_weight,
-            "decision": decision,
+            "decision": {**decision, "how": t.prior_correction},  # fit, none or a fixed alpha
             "phases": records,
             "epochs": len(history),
             "best_epoch": int(best["epoch"]),

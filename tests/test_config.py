@@ -87,6 +87,10 @@ def test_dot_overrides_reach_one_model_only():
     ("augment.zoom=1.5", r"'augment.zoom' = 1.5 is invalid"),
     ("+models.cnn.train.learnig_rate=0.1", r"'models.cnn.train.learnig_rate'"),
     ("+models.cnn.train.epochs=0", r"'models.cnn.train.epochs' = 0 is invalid: an integer >= 1"),
+    ("+models.transfer.train.lr_schedule=step",
+     r"'models.transfer.train.lr_schedule' = 'step' is invalid: one of \['plateau', 'cosine'\]"),
+    ("train.prior_correction=1.5",
+     r"'train.prior_correction' = '1.5' is invalid: 'fit' .*'none', or a fixed alpha in \[0, 1\]"),
     ("evaluate.tta=flips", r"'evaluate.tta' = 'flips' is invalid: one of \['none', 'rot4'"),
 ])
 def test_bad_values_are_refused_with_key_value_and_choices(override, message):

@@ -73,6 +73,10 @@ def test_prior_correction_undoes_class_weights_when_validation_says_so():
     after = f1_score(labels, corrected.argmax(1), average="macro")
     assert after > before + 0.05
     assert decision["validation_macro_f1"][str(decision["alpha"])] == pytest.approx(after, abs=1e-4)
+    # A one-value grid is a fixed alpha: kept even where validation would pick another.
+    fixed = fit_prior_correction(proba, labels, weights, 2, grid=(0.0,))
+    assert fixed["alpha"] == 0.0 and fixed["class_factors"] == [1.0, 1.0]
+    assert fixed["validation_macro_f1"] == {"0.0": pytest.approx(before, abs=1e-4)}
     # Without class weights there is nothing to undo.
     assert fit_prior_correction(proba, labels, None, 2)["class_factors"] is None
     assert apply_class_factors(proba, None) is proba

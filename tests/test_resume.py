@@ -26,7 +26,8 @@ def train_command(cfg, root: Path, epochs: int) -> list[str]:
 @pytest.mark.slow
 def test_kill_9_mid_training_then_rerun_continues_from_the_last_epoch(prepared_tiny, tmp_path):
     epochs = 25
-    command = train_command(prepared_tiny, tmp_path, epochs)
+    command = [*train_command(prepared_tiny, tmp_path, epochs), "train.lr_schedule=cosine",
+               "train.warmup_epochs=2", "train.learning_rate=0.002"]
     state_csv = tmp_path / "backup" / "cnn" / "history.csv"
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -46,6 +47,12 @@ def test_kill_9_mid_training_then_rerun_continues_from_the_last_epoch(prepared_t
     assert "resuming cnn" in rerun.stdout + rerun.stderr
     history = pd.read_csv(tmp_path / "models" / "cnn" / "history.csv")
     assert history["epoch"].tolist() == list(range(1, epochs + 1))  # each epoch exactly once
+    # The learning-rate schedule went on where it was killed: warm-up to the peak, then one
+    # unbroken decay (a restarted schedule would jump back up at the resumed epoch).
+    rate = history["learning_rate"].to_numpy()
+    assert rate[0] < rate[1] == pytest.approx(0.002)
+    assert (rate[2:] < rate[1:-1]).all()
+    assert rate[-1] < 0.002 / 100
     assert not (tmp_path / "backup" / "cnn").exists()  # state cleaned up after success
 
 

@@ -86,8 +86,19 @@ def test_best_epoch_skips_each_phases_first_min_epochs():
 def test_min_epochs_keeps_no_early_epoch(prepared_tiny, tmp_path):
     cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
                       f"paths.prepared={prepared_tiny.paths.prepared}", "train.epochs=4",
-                      "train.min_epochs=2", "train.early_stopping_patience=1000")
+                      "train.min_epochs=2", "train.early_stopping_patience=1000",
+                      "train.prior_correction=0.5")
     summary = train.run(cfg, "cnn")
+    # A fixed prior correction is kept as given; evaluate applies and reports it.
+    decision = summary["decision"]
+    assert decision["alpha"] == 0.5 and decision["how"] == "0.5"
+    assert list(decision["validation_macro_f1"]) == ["0.5"]
+    weights = summary["class_weight"]
+    assert decision["class_factors"] == pytest.approx([weights[c] ** -0.5 for c in sorted(weights)])
+    from pipeline import evaluate
+
+    metrics = evaluate.run(cfg, "cnn")
+    assert metrics["prior_correction"] == "0.5" and metrics["prior_correction_alpha"] == 0.5
     history = pd.read_csv(Path(cfg.paths.models) / "cnn" / "history.csv")
     assert len(history) == 4
     later = history[history["epoch"] > 2]
