@@ -48,6 +48,9 @@ def test_tiny_pipeline_trains_evaluates_and_reports_both_models(trained_tiny):
     transfer_card = (cards / "transfer.md").read_text()
     # A model without pretrained weights says so in its first lines.
     assert "WITHOUT pretrained weights" in "\n".join(transfer_card.splitlines()[:4])
+    # How it was trained, in the terms of its config (train.lr_schedule=plateau by default).
+    assert ("learning rate cut by 0.3 after 3 epochs without improvement; early stopping on "
+            "validation loss (patience 5) with the best weights restored") in transfer_card
     for section in ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data",
                     "Training data", "Quantitative analyses", "Ethical considerations",
                     "Caveats and recommendations"):
