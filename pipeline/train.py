@@ -294,7 +294,9 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
         epoch = epochs_logged(state)
         record = {"phase": phase.name, "learning_rate": phase.learning_rate,
                   "epochs_run": epoch - phase_start, "last_epoch": epoch,
-                  "best_val_loss_so_far": float(checkpoint.best)}
+                  # None while no epoch has counted (a phase no longer than min_epochs)
+                  "best_val_loss_so_far": None if checkpoint.best is None
+                  else float(checkpoint.best)}
         records.append(record)
         done.write_text(json.dumps(record))
     if best_weights.is_file():

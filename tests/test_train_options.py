@@ -104,3 +104,14 @@ def test_min_epochs_keeps_no_early_epoch(prepared_tiny, tmp_path):
     later = history[history["epoch"] > 2]
     assert summary["best_epoch"] == int(later.loc[later["val_loss"].idxmin(), "epoch"])
     assert summary["best_val_loss"] == pytest.approx(later["val_loss"].min())
+
+
+@pytest.mark.slow
+def test_min_epochs_longer_than_training_keeps_the_last_epoch(prepared_tiny, tmp_path):
+    """No epoch qualifies: nothing is restored, and the model saved is the last epoch's."""
+    cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
+                      f"paths.prepared={prepared_tiny.paths.prepared}", "train.epochs=2",
+                      "train.min_epochs=5")
+    summary = train.run(cfg, "cnn")
+    assert summary["epochs"] == 2 and summary["best_epoch"] == 2
+    assert summary["phases"][0]["best_val_loss_so_far"] is None
