@@ -27,7 +27,7 @@ from pipeline.config import model_train_config, stage_main
 from pipeline.io import atomic_path, atomic_write_json
 from pipeline.labels import LabelScheme
 from pipeline.prepare import META_NAME
-from pipeline.train import MODEL_NAME, SUMMARY_NAME
+from pipeline.train import MODEL_NAME, SUMMARY_NAME, schedule_description
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +186,7 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> d
         "train_images": summary["train_images"],
         "class_weight_mode": trained_with.class_weight,
         "patience": trained_with.early_stopping_patience,
-        "schedule": (f"learning rate cut by {trained_with.reduce_lr_factor} after "
-                     f"{trained_with.reduce_lr_patience} epochs without improvement"
-                     if trained_with.lr_schedule == "plateau" else
-                     f"{trained_with.warmup_epochs} warm-up epochs, then a cosine decay of the "
-                     "learning rate to zero over each phase"),
+        "schedule": schedule_description(trained_with),
         "min_epochs": trained_with.min_epochs,
         "model_path": (model_dir / MODEL_NAME).as_posix(),
         "metrics": metrics,

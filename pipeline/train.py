@@ -180,10 +180,20 @@ def prepare_state_dir(state: Path, fingerprint: str) -> bool:
     return False
 
 
+def schedule_description(t: DictConfig) -> str:
+    """``train.lr_schedule`` in words, for the training log and the model card."""
+    if t.lr_schedule == "plateau":
+        return (f"learning rate cut by {t.reduce_lr_factor} after {t.reduce_lr_patience} "
+                "epochs without improvement")
+    return (f"{t.warmup_epochs} warm-up epochs, then a cosine decay of the learning rate to "
+            "zero over each phase")
+
+
 def phase_learning_rate(peak: float, epochs: int, steps_per_epoch: int, t: DictConfig):
     """The optimizer's learning rate for one phase: ``peak`` held and cut on plateaus
     (``train.lr_schedule=plateau``, with ReduceLROnPlateau), or a cosine decay from ``peak``
-    to zero over the phase after a linear warm-up of ``train.warmup_epochs`` (``cosine``).
+    to zero over the phase after a linear warm-up from ``peak / 100`` over
+    ``train.warmup_epochs`` (``cosine``).
 
     The warm-up matters most when fine-tuning starts: a fresh Adam at full rate on a whole
     pretrained backbone throws away much of what the frozen phase learnt in its first epochs.
@@ -268,21 +278,20 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
         early_stopping = keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=t.early_stopping_patience,
             min_delta=t.early_stopping_min_delta, restore_best_weights=True, verbose=1)
+        # A schedule sets the rate itself: ReduceLROnPlateau only goes with a fixed one.
+        plateau = [keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=t.reduce_lr_factor, patience=t.reduce_lr_patience,
+            min_delta=t.early_stopping_min_delta, verbose=1)] if t.lr_schedule == "plateau" else []
         callbacks = [
             keras.callbacks.BackupAndRestore(str(state / f"backup_{phase.name}")),
             epoch_stats_callback(number, len(x_train)),
             early_stopping,
+            *plateau,
             checkpoint,
             keras.callbacks.CSVLogger(str(state / HISTORY_NAME), append=True),
         ]
-        if t.lr_schedule == "plateau":
-            callbacks.insert(3, keras.callbacks.ReduceLROnPlateau(
-                monitor="val_loss", factor=t.reduce_lr_factor, patience=t.reduce_lr_patience,
-                min_delta=t.early_stopping_min_delta, verbose=1))
-        log.info("phase %s: up to %d epochs at learning rate %g, %s (%d trainable weights)",
-                 phase.name, phase.epochs, phase.learning_rate,
-                 "cut on plateaus" if t.lr_schedule == "plateau" else
-                 f"cosine decay after {t.warmup_epochs} warm-up epochs",
+        log.info("phase %s: up to %d epochs at learning rate %g; %s (%d trainable weights)",
+                 phase.name, phase.epochs, phase.learning_rate, schedule_description(t),
                  len(model.trainable_weights))
         phase_start = epoch  # where the previous phase ended
         checkpoint.start_epoch = early_stopping.start_from_epoch = phase_start + t.min_epochs
