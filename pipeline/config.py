@@ -40,6 +40,7 @@ SOURCES = ("mock", "folder", "sdss")
 BACKBONES = ("mobilenet_v2", "mobilenet")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 LR_SCHEDULES = ("plateau", "cosine")
+CLASS_BALANCE = ("balanced", "resample", "none")
 
 
 class ConfigError(PipelineError, ValueError):
@@ -345,8 +346,9 @@ def _validate_train(t: DictConfig, key: str) -> None:
     _require(0 < t.reduce_lr_factor < 1, f"{key}.reduce_lr_factor", t.reduce_lr_factor,
              "a factor in (0, 1)")
     _require(t.strategy in STRATEGIES, f"{key}.strategy", t.strategy, f"one of {list(STRATEGIES)}")
-    _require(t.class_weight in ("balanced", "none"), f"{key}.class_weight", t.class_weight,
-             "'balanced' or 'none'")
+    _require(t.class_weight in CLASS_BALANCE, f"{key}.class_weight", t.class_weight,
+             "'balanced' (inverse-frequency loss weights), 'resample' (every class drawn "
+             "equally often each epoch) or 'none'")
     _require(t.lr_schedule in LR_SCHEDULES, f"{key}.lr_schedule", t.lr_schedule,
              f"one of {list(LR_SCHEDULES)}")
     _require(t.warmup_epochs >= 0, f"{key}.warmup_epochs", t.warmup_epochs, "an integer >= 0")

@@ -106,6 +106,14 @@ def diagnose_overfitting(history: pd.DataFrame, best_epoch: int) -> str:
             f"up to the best epoch ({best_epoch}).")
 
 
+CLASS_BALANCE_WORDS = {  # train.class_weight, as the card says it
+    "balanced": "inverse-frequency class weights in the loss (`balanced`)",
+    "resample": "class-balanced sampling, every class drawn equally often each epoch "
+                "(`resample`)",
+    "none": "no class weights (`none`)",
+}
+
+
 def run_overrides() -> list[str]:
     """The command-line overrides of this run (empty under DVC, which reads params.yaml)."""
     from hydra.core.hydra_config import HydraConfig
@@ -184,7 +192,7 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> d
         "pretrained": summary["pretrained"],
         "phases": summary["phases"],
         "train_images": summary["train_images"],
-        "class_weight_mode": trained_with.class_weight,
+        "class_balance": CLASS_BALANCE_WORDS[trained_with.class_weight],
         "patience": trained_with.early_stopping_patience,
         "schedule": schedule_description(trained_with),
         "min_epochs": trained_with.min_epochs,

@@ -38,7 +38,8 @@ SUMMARY_NAME = "train_summary.json"
 
 
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int,
-                 augment: DictConfig | None = None, deterministic: bool = False):
+                 augment: DictConfig | None = None, deterministic: bool = False,
+                 balanced: bool = False):
     """A tf.data pipeline that streams batches from the prepared arrays on disk.
 
     Every epoch draws a new permutation (a global shuffle, no buffer) and gathers each batch's
@@ -46,15 +47,28 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, s
     only the batches in flight are in memory.
     Batches are cast to float32 and prefetched so the model never waits on input. With
     ``augment`` (``augment.mode: on_the_fly``) every batch gets fresh random copies drawn by
-    :func:`pipeline.augment.random_augment`.
+    :func:`pipeline.augment.random_augment`. With ``balanced`` (``train.class_weight:
+    resample``) each epoch draws its ``len(y)`` images with replacement so that every class
+    comes up equally often: rare classes are seen more often, each time (with on-the-fly
+    augmentation) as a new random copy.
     """
     import tensorflow as tf
 
     n = len(y)
     order_rng = np.random.default_rng(seed)
+    draw_p = None
+    if balanced:
+        counts = np.bincount(y)
+        draw_p = 1.0 / counts[y]
+        draw_p /= draw_p.sum()
 
     def batches():
-        order = order_rng.permutation(n) if shuffle else np.arange(n)
+        if draw_p is not None:
+            order = order_rng.choice(n, size=n, replace=True, p=draw_p)
+        elif shuffle:
+            order = order_rng.permutation(n)
+        else:
+            order = np.arange(n)
         for start in range(0, n, batch_size):
             idx = np.sort(order[start:start + batch_size])  # sorted: sequential disk reads
             yield np.asarray(x[idx]), np.asarray(y[idx], dtype=np.int32)
@@ -248,7 +262,8 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
     on_the_fly = cfg.augment.mode == "on_the_fly" and cfg.augment.copies > 0
     train_ds = make_dataset(x_train, y_train, t.batch_size, True, t.seed,
                             augment=cfg.augment if on_the_fly else None,
-                            deterministic=bool(t.deterministic))
+                            deterministic=bool(t.deterministic),
+                            balanced=t.class_weight == "resample")
     val_ds = make_dataset(x_val, y_val, t.batch_size, False, t.seed)
     best_weights = state / "best.weights.h5"
     checkpoint = CheckpointAfter(
@@ -339,11 +354,14 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
     train, val = load_split(prepared, "train", stream=True), load_split(prepared, "val")
     data = {"train": (train["images"], train["labels"]), "val": (val["images"], val["labels"])}
     input_shape = tuple(int(s) for s in train["images"].shape[1:])
-    class_weight = None
-    if t.class_weight == "balanced":
+    # Inverse-frequency weights: in the loss (balanced), or as the prior shift that balanced
+    # sampling (resample) makes, which the prior correction partly undoes.
+    balance_weights = None
+    if t.class_weight in ("balanced", "resample"):
         present = np.unique(train["labels"])
         weights = compute_class_weight("balanced", classes=present, y=train["labels"])
-        class_weight = {int(c): float(w) for c, w in zip(present, weights, strict=True)}
+        balance_weights = {int(c): float(w) for c, w in zip(present, weights, strict=True)}
+    class_weight = balance_weights if t.class_weight == "balanced" else None
 
     keras.mixed_precision.set_global_policy("mixed_float16" if t.mixed_precision else "float32")
     strategy = distribution_strategy(t.strategy)
@@ -370,7 +388,7 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
                                       cfg.evaluate.tta)
             grid = (PRIOR_CORRECTION_GRID if t.prior_correction == "fit"
                     else (float(t.prior_correction),))
-            decision = fit_prior_correction(val_proba, val["labels"], class_weight,
+            decision = fit_prior_correction(val_proba, val["labels"], balance_weights,
                                             scheme.n_classes, grid)
             log.info("prior correction: alpha %.2f (validation macro-F1 by alpha: %s)",
                      decision["alpha"], decision["validation_macro_f1"])
@@ -395,7 +413,8 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
             "jit_compile": bool(t.jit_compile),
             "train_images": len(train["labels"]),
             "val_images": len(val["labels"]),
-            "class_weight": class_weight,
+            "class_weight": class_weight,  # loss weights (None with resample or none)
+            "class_balance": t.class_weight,
             "decision": {**decision, "how": t.prior_correction},  # fit, none or a fixed alpha
             "phases": records,
             "epochs": len(history),

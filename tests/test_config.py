@@ -92,6 +92,8 @@ def test_dot_overrides_reach_one_model_only():
     ("train.prior_correction=1.5",
      r"'train.prior_correction' = '1.5' is invalid: 'fit' .*'none', or a fixed alpha in \[0, 1\]"),
     ("evaluate.tta=flips", r"'evaluate.tta' = 'flips' is invalid: one of \['none', 'rot4'"),
+    ("train.class_weight=oversample",
+     r"'train.class_weight' = 'oversample' is invalid: 'balanced' .*'resample' .*'none'"),
 ])
 def test_bad_values_are_refused_with_key_value_and_choices(override, message):
     with pytest.raises(ConfigError, match=message):

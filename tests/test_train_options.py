@@ -58,6 +58,51 @@ def test_on_the_fly_augmentation_draws_new_copies_every_epoch():
     np.testing.assert_allclose(plain, images.astype(np.float32))
 
 
+def test_resampling_draws_every_class_equally_often_each_epoch():
+    """train.class_weight=resample: 90 ellipticals and 10 spirals come out about 50/50, each
+    image still paired with its own label, and every epoch is a new draw of the same length."""
+    import numpy as np
+
+    from pipeline.train import make_dataset
+
+    labels = np.array([0] * 90 + [1] * 10, dtype=np.int32)
+    images = np.broadcast_to(np.arange(100, dtype=np.float32)[:, None, None, None],
+                             (100, 2, 2, 3)).copy()  # each image holds its own index
+    ds = make_dataset(images, labels, 25, True, 0, balanced=True)
+    epochs = []
+    for _ in range(20):
+        drawn = [(x.numpy()[:, 0, 0, 0].astype(int), y.numpy()) for x, y in ds]
+        index = np.concatenate([i for i, _ in drawn])
+        assert len(index) == 100                             # an epoch keeps its length
+        np.testing.assert_array_equal(np.concatenate([y for _, y in drawn]), labels[index])
+        epochs.append(index)
+    spiral_share = np.mean([(labels[i] == 1).mean() for i in epochs])
+    assert 0.45 < spiral_share < 0.55                        # 10% in the data
+    assert len(np.unique(np.concatenate(epochs)[labels[np.concatenate(epochs)] == 0])) == 90
+    assert not np.array_equal(epochs[0], epochs[1])
+    plain = np.concatenate([x.numpy()[:, 0, 0, 0] for x, _ in
+                            make_dataset(images, labels, 25, True, 0)])
+    assert sorted(plain.astype(int)) == list(range(100))     # without it: each image once
+
+
+@pytest.mark.slow
+def test_resample_trains_without_loss_weights_and_says_so_in_the_card(prepared_tiny, tmp_path):
+    cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
+                      f"paths.prepared={prepared_tiny.paths.prepared}",
+                      "train.class_weight=resample", "train.prior_correction=0.5")
+    summary = train.run(cfg, "cnn")
+    assert summary["class_weight"] is None and summary["class_balance"] == "resample"
+    import json
+
+    from pipeline import evaluate, report
+    from pipeline.prepare import META_NAME
+
+    evaluate.run(cfg, "cnn")
+    meta = json.loads((Path(cfg.paths.prepared) / META_NAME).read_text())
+    card = report.model_context(cfg, "cnn", Path(cfg.paths.reports) / "cards", meta)
+    assert card["class_balance"].startswith("class-balanced sampling")
+
+
 @pytest.mark.slow
 def test_on_the_fly_mode_stores_no_copies_and_trains(tmp_path):
     from pipeline import fetch, prepare
