@@ -41,6 +41,7 @@ BACKBONES = ("mobilenet_v2", "mobilenet")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 LR_SCHEDULES = ("plateau", "cosine")
 CLASS_BALANCE = ("balanced", "resample", "none")
+TTA_ZOOM_RANGE = (0.5, 2.0)
 
 
 class ConfigError(PipelineError, ValueError):
@@ -213,6 +214,7 @@ class TrainConfig:
 @dataclass
 class EvaluateConfig:
     tta: str = "dihedral"
+    tta_zoom: float = 1.0
 
 
 @dataclass
@@ -292,6 +294,9 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
 
     _require(merged.evaluate.tta in TTA_MODES, "evaluate.tta", merged.evaluate.tta,
              f"one of {list(TTA_MODES)} (test-time views averaged per image)")
+    _require(TTA_ZOOM_RANGE[0] <= merged.evaluate.tta_zoom <= TTA_ZOOM_RANGE[1],
+             "evaluate.tta_zoom", merged.evaluate.tta_zoom,
+             f"a magnification in [{TTA_ZOOM_RANGE[0]}, {TTA_ZOOM_RANGE[1]}] (1.0 = as is)")
 
     _validate_train(t, "train")
     _require(len(merged.models) >= 1, "models", {}, "at least one model entry")

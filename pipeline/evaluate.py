@@ -122,7 +122,8 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
     summary = json.loads((model_dir / SUMMARY_NAME).read_text())
     decision = summary.get("decision") or {}
     proba = predict_proba(model, test["images"].astype(np.float32), cfg.evaluate.tta,
-                          class_factors=decision.get("class_factors"))
+                          class_factors=decision.get("class_factors"),
+                          zoom=float(cfg.evaluate.tta_zoom))
     y = test["labels"]
     result = classification_metrics(y, proba, scheme)
 
@@ -140,6 +141,7 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
         "train_wall_time_s": summary["wall_time_s"],
         "tta": cfg.evaluate.tta,
         "tta_views": TTA_MODES[cfg.evaluate.tta],
+        "tta_zoom": float(cfg.evaluate.tta_zoom),
         "prior_correction_alpha": decision.get("alpha", 0.0),
         "prior_correction": decision.get("how", "fit"),  # fit, none or a fixed alpha
     })

@@ -9,6 +9,11 @@ the camera was turned. ``rot4`` is the four 90-degree rotations; ``dihedral`` ad
 mirror images (8 views). Mirroring turns a clockwise spiral into an anticlockwise one, so
 use ``rot4`` (and ``augment.flip=false``) when those are separate classes.
 
+``zoom`` (``evaluate.tta_zoom``) magnifies every view about its centre first. Random crops and
+zooms in training show the model galaxies larger, on average, than the unaugmented test images
+(the train/test scale discrepancy of Touvron et al. 2019, "FixRes"); viewing test images at
+the training scale undoes that without retraining.
+
 Class weights make a model answer as if every class were equally common, which buys recall
 on rare classes with precision (and accuracy) on common ones. The *prior correction*
 multiplies the probabilities by ``w_c ** -alpha`` (Saerens et al. 2002 with alpha = 1 restores
@@ -27,10 +32,15 @@ import numpy as np
 TTA_MODES = {"none": 1, "rot4": 4, "dihedral": 8}
 
 
-def tta_views(images: np.ndarray, mode: str) -> Iterator[np.ndarray]:
-    """The views of a batch of (N, H, W, C) images that ``mode`` averages over."""
+def tta_views(images: np.ndarray, mode: str, zoom: float = 1.0) -> Iterator[np.ndarray]:
+    """The views of a batch of (N, H, W, C) images that ``mode`` averages over, each magnified
+    by ``zoom`` about the centre (1.0: as they are)."""
     if mode not in TTA_MODES:
         raise ValueError(f"tta = {mode!r}: use one of {list(TTA_MODES)}")
+    if zoom != 1.0:
+        from pipeline.augment import zoom as magnify
+
+        images = magnify(images, zoom)
     if mode == "none":
         yield images
         return
@@ -75,18 +85,20 @@ def fit_prior_correction(proba: np.ndarray, labels: np.ndarray, class_weight: di
 
 
 def predict_proba(model, images: np.ndarray, tta: str = "none", batch_size: int = 256,
-                  class_factors=None) -> np.ndarray:
-    """Class probabilities, averaged over the ``tta`` views of each image, then prior-corrected
-    by ``class_factors`` (from the model's ``train_summary.json``; None = as trained)."""
+                  class_factors=None, zoom: float = 1.0) -> np.ndarray:
+    """Class probabilities, averaged over the ``tta`` views of each image (magnified by
+    ``zoom``), then prior-corrected by ``class_factors`` (from the model's
+    ``train_summary.json``; None = as trained)."""
     total = None
-    for view in tta_views(images, tta):
+    for view in tta_views(images, tta, zoom):
         p = model.predict(view, batch_size=batch_size, verbose=0)
         total = p if total is None else total + p
     return apply_class_factors(total / TTA_MODES[tta], class_factors)
 
 
 def mc_dropout_probabilities(model, images: np.ndarray, samples: int, batch_size: int,
-                             seed: int, tta: str = "none", class_factors=None) -> np.ndarray:
+                             seed: int, tta: str = "none", class_factors=None,
+                             zoom: float = 1.0) -> np.ndarray:
     """``samples`` softmax outputs per image with the head's dropout left on (Gal & Ghahramani
     2016), each averaged over the ``tta`` views: shape (samples, N, classes).
 
@@ -98,7 +110,7 @@ def mc_dropout_probabilities(model, images: np.ndarray, samples: int, batch_size
     trunk = keras.Model(model.inputs, model.get_layer("gap").output)
     head = model.layers[model.layers.index(model.get_layer("gap")) + 1:]
     features = [trunk.predict(v, batch_size=batch_size, verbose=0)
-                for v in tta_views(images, tta)]
+                for v in tta_views(images, tta, zoom)]
     keras.utils.set_random_seed(seed)
     draws = []
     for _ in range(samples):

@@ -7,7 +7,8 @@ The preprocessing (centre crop, resize, normalisation) comes from the model's ow
 ``config.yaml``. Each row of the output has the image path as given, the predicted class, one
 probability per class, the predictive entropy, and, with Monte Carlo dropout, the spread of the
 winning class's probability over dropout masks (Gal & Ghahramani 2016). Probabilities are
-averaged over the same test-time views as evaluate used (the model's ``evaluate.tta``).
+averaged over the same test-time views as evaluate used (the model's ``evaluate.tta`` and
+``evaluate.tta_zoom``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import CONF_DIR
+from pipeline.config import CONF_DIR, TTA_ZOOM_RANGE
 from pipeline.errors import PipelineError
 from pipeline.inference import TTA_MODES, mc_dropout_probabilities, predict_proba
 from pipeline.io import DISPLAY_SUFFIXES, FITS_SUFFIXES, atomic_path
@@ -64,6 +65,18 @@ def tta_mode(cfg: DictConfig, trained: DictConfig) -> str:
     return str(tta)
 
 
+def tta_zoom(cfg: DictConfig, trained: DictConfig) -> float:
+    """``tta_zoom`` from the command line, else the model's own (1.0 for older models)."""
+    zoom = cfg.get("tta_zoom")
+    if zoom is None:
+        zoom = OmegaConf.select(trained, "evaluate.tta_zoom", default=1.0)
+    low, high = TTA_ZOOM_RANGE
+    if not isinstance(zoom, int | float) or isinstance(zoom, bool) or not low <= zoom <= high:
+        raise PredictError(f"tta_zoom = {zoom!r}: use a magnification in [{low}, {high}] "
+                           "(1.0 = as is), or null for the model's own evaluate.tta_zoom")
+    return float(zoom)
+
+
 def trained_class_factors(model_dir: Path) -> list[float] | None:
     """The prior correction the train stage fitted on validation (None for older models)."""
     from pipeline.train import SUMMARY_NAME
@@ -94,18 +107,19 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         raise PredictError(f"input = {str(cfg.input)!r}: none of the {len(paths)} images could "
                            "be read")
     x = images[kept]
-    tta = tta_mode(cfg, trained)
+    tta, zoom = tta_mode(cfg, trained), tta_zoom(cfg, trained)
     factors = trained_class_factors(model_dir)
-    log.info("test-time views: %s (%d per image); prior correction factors %s", tta,
-             TTA_MODES[tta], factors)
+    log.info("test-time views: %s (%d per image, magnified %gx); prior correction factors %s",
+             tta, TTA_MODES[tta], zoom, factors)
     if cfg.mc_dropout_samples > 0:
         draws = mc_dropout_probabilities(model, x, int(cfg.mc_dropout_samples),
-                                         int(cfg.batch_size), int(cfg.seed), tta, factors)
+                                         int(cfg.batch_size), int(cfg.seed), tta, factors,
+                                         zoom=zoom)
         proba = draws.mean(axis=0)
         winner = proba.argmax(axis=1)
         spread = draws[:, np.arange(len(x)), winner].std(axis=0)
     else:
-        proba = predict_proba(model, x, tta, int(cfg.batch_size), factors)
+        proba = predict_proba(model, x, tta, int(cfg.batch_size), factors, zoom=zoom)
         spread = np.full(len(x), np.nan)
     entropy = -(proba * np.log(np.clip(proba, 1e-12, 1))).sum(axis=1)
     result = pd.DataFrame({"image": np.array(given)[kept],

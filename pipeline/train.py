@@ -385,7 +385,7 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
         decision = {"alpha": 0.0, "class_factors": None, "validation_macro_f1": {}}
         if t.prior_correction != "none":
             val_proba = predict_proba(built.model, val["images"].astype(np.float32),
-                                      cfg.evaluate.tta)
+                                      cfg.evaluate.tta, zoom=float(cfg.evaluate.tta_zoom))
             grid = (PRIOR_CORRECTION_GRID if t.prior_correction == "fit"
                     else (float(t.prior_correction),))
             decision = fit_prior_correction(val_proba, val["labels"], balance_weights,

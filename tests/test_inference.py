@@ -46,6 +46,24 @@ def test_averaged_prediction_is_the_same_for_a_turned_or_mirrored_galaxy(
     assert not np.allclose(rot4, predict_proba(model, mirrored, "rot4"), atol=1e-3)
 
 
+def test_zoomed_views_show_the_galaxy_larger_by_the_zoom():
+    """evaluate.tta_zoom: a round galaxy's measured radius grows by the magnification."""
+    y, x = np.indices((41, 41)) - 20.0
+    galaxy = np.exp(-(x ** 2 + y ** 2) / (2 * 4.0 ** 2))
+    image = np.repeat(galaxy[None, ..., None], 3, axis=-1).astype(np.float32)
+
+    def radius(view):
+        w = view[0, ..., 0]
+        return np.sqrt((w * (x ** 2 + y ** 2)).sum() / w.sum() / 2)
+
+    plain = list(tta_views(image, "dihedral"))
+    zoomed = list(tta_views(image, "dihedral", zoom=1.5))
+    assert len(zoomed) == 8
+    assert radius(plain[0]) == pytest.approx(4.0, rel=0.02)
+    assert all(radius(v) == pytest.approx(6.0, rel=0.03) for v in zoomed)
+    assert np.array_equal(next(tta_views(image, "none", zoom=1.0)), image)
+
+
 def test_unknown_view_mode_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"tta = 'flips'.*\['none', 'rot4', 'dihedral'\]"):
         list(tta_views(np.zeros((1, 4, 4, 3)), "flips"))

@@ -45,6 +45,7 @@ def test_predict_on_a_catalog_reproduces_evaluate(trained_tiny, tmp_path):
     # The model's own evaluate.tta is the default; asking for no views changes the numbers.
     metrics = pd.read_json(Path(cfg.paths.reports) / "cnn" / "metrics.json", typ="series")
     assert metrics["tta"] == "dihedral" and metrics["tta_views"] == 8
+    assert metrics["tta_zoom"] == 1.0
     decision = summaries["cnn"]["decision"]  # fitted on validation by train, applied by both
     assert metrics["prior_correction_alpha"] == decision["alpha"]
     assert set(decision["validation_macro_f1"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
@@ -57,6 +58,16 @@ def test_predict_on_a_catalog_reproduces_evaluate(trained_tiny, tmp_path):
                                 input=str(user_catalog), image_column="path", tta="flip",
                                 output=str(tmp_path / "bad.csv"), mc_dropout_samples=0))
     assert not (tmp_path / "bad.csv").exists()
+    with pytest.raises(predict.PredictError,
+                       match=r"tta_zoom = 5: use a magnification in \[0.5, 2.0\]"):
+        predict.run(predict_cfg(model_dir=str(Path(cfg.paths.models) / "cnn"),
+                                input=str(user_catalog), image_column="path", tta_zoom=5,
+                                output=str(tmp_path / "bad.csv"), mc_dropout_samples=0))
+    magnified = predict.run(predict_cfg(model_dir=str(Path(cfg.paths.models) / "cnn"),
+                                        input=str(user_catalog), image_column="path",
+                                        tta_zoom=1.3, output=str(tmp_path / "z.csv"),
+                                        mc_dropout_samples=0))
+    assert not np.allclose(magnified["p_spiral"], out["p_spiral"], atol=1e-4)
 
 
 @pytest.mark.slow

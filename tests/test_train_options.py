@@ -86,21 +86,24 @@ def test_resampling_draws_every_class_equally_often_each_epoch():
 
 
 @pytest.mark.slow
-def test_resample_trains_without_loss_weights_and_says_so_in_the_card(prepared_tiny, tmp_path):
-    cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
-                      f"paths.prepared={prepared_tiny.paths.prepared}",
-                      "train.class_weight=resample", "train.prior_correction=0.5")
-    summary = train.run(cfg, "cnn")
-    assert summary["class_weight"] is None and summary["class_balance"] == "resample"
-    import json
+def test_resample_and_test_time_zoom_reach_the_metrics_and_the_card(prepared_tiny, tmp_path):
+    from omegaconf import open_dict
 
     from pipeline import evaluate, report
-    from pipeline.prepare import META_NAME
 
-    evaluate.run(cfg, "cnn")
-    meta = json.loads((Path(cfg.paths.prepared) / META_NAME).read_text())
-    card = report.model_context(cfg, "cnn", Path(cfg.paths.reports) / "cards", meta)
-    assert card["class_balance"].startswith("class-balanced sampling")
+    cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
+                      f"paths.prepared={prepared_tiny.paths.prepared}",
+                      "train.class_weight=resample", "evaluate.tta_zoom=1.2")
+    with open_dict(cfg):
+        del cfg.models["transfer"]  # a project with one model: its card alone
+    summary = train.run(cfg, "cnn")
+    assert summary["class_weight"] is None and summary["class_balance"] == "resample"
+    metrics = evaluate.run(cfg, "cnn")
+    assert metrics["tta_zoom"] == 1.2
+    report.run(cfg)
+    card = (Path(cfg.paths.reports) / "cards" / "cnn.md").read_text()
+    assert "class-balanced sampling, every class drawn equally often each epoch" in card
+    assert "Test images are magnified 1.2x about the centre" in card
 
 
 @pytest.mark.slow
