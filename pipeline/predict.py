@@ -99,6 +99,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     trained = OmegaConf.load(saved_config)
     classes = list(OmegaConf.to_container(trained.data.classes))
     given, paths = list_inputs(Path(str(cfg.input)), cfg.image_column)  # fail fast on bad input
+    tta, zoom = tta_mode(cfg, trained), tta_zoom(cfg, trained)  # also before any image is read
     model = load_model(model_dir)
     images, kept, skipped = load_images(paths, trained.prepare, given)
     for s in skipped:
@@ -107,7 +108,6 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         raise PredictError(f"input = {str(cfg.input)!r}: none of the {len(paths)} images could "
                            "be read")
     x = images[kept]
-    tta, zoom = tta_mode(cfg, trained), tta_zoom(cfg, trained)
     factors = trained_class_factors(model_dir)
     log.info("test-time views: %s (%d per image, magnified %gx); prior correction factors %s",
              tta, TTA_MODES[tta], zoom, factors)
