@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
-from sklearn.utils.class_weight import compute_class_weight
 
 from pipeline.evaluate import classification_metrics, load_model
 from pipeline.inference import apply_class_factors, fit_prior_correction, predict_proba
 from pipeline.labels import LabelScheme
 from pipeline.prepare import META_NAME, load_split
-from pipeline.train import SUMMARY_NAME
+from pipeline.train import class_balance_weights
 
 
 def main() -> None:
@@ -45,14 +44,9 @@ def main() -> None:
         model = load_model(folder)
         trained = OmegaConf.load(folder / "config.yaml")
         tta = OmegaConf.select(trained, "evaluate.tta", default="none")
-        summary = json.loads((folder / SUMMARY_NAME).read_text())
-        # The inverse-frequency weights the correction undoes (in the loss or by resampling).
-        weights = summary.get("class_weight")
-        if weights is None and summary.get("class_balance") == "resample":
-            present = np.unique(train_labels)
-            balanced = compute_class_weight("balanced", classes=present, y=train_labels)
-            weights = dict(zip(present.tolist(), balanced.tolist(), strict=True))
-        weights = {int(c): float(w) for c, w in (weights or {}).items()}
+        # The inverse-frequency weights the correction undoes, as the train stage computed them.
+        weights = class_balance_weights(
+            OmegaConf.select(trained, "train.class_weight", default="balanced"), train_labels)
         for zoom in args.zooms:
             views = {name: predict_proba(model, split["images"].astype(np.float32), tta,
                                          zoom=zoom)

@@ -194,6 +194,19 @@ def prepare_state_dir(state: Path, fingerprint: str) -> bool:
     return False
 
 
+def class_balance_weights(mode: str, labels: np.ndarray) -> dict[int, float] | None:
+    """Inverse-frequency class weights for ``train.class_weight``: the loss weights (balanced),
+    or the prior shift that balanced sampling makes (resample); the prior correction partly
+    undoes either. None for ``none``."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    if mode not in ("balanced", "resample"):
+        return None
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    return {int(c): float(w) for c, w in zip(present, weights, strict=True)}
+
+
 def schedule_description(t: DictConfig) -> str:
     """``train.lr_schedule`` in words, for the training log and the model card."""
     if t.lr_schedule == "plateau":
@@ -332,7 +345,6 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
     """Train ``models[name]`` (default: ``cfg.model``) on the prepared data."""
     import keras
     import pandas as pd
-    from sklearn.utils.class_weight import compute_class_weight
 
     from pipeline.sweep import redirect_outputs_in_multirun
 
@@ -354,13 +366,7 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
     train, val = load_split(prepared, "train", stream=True), load_split(prepared, "val")
     data = {"train": (train["images"], train["labels"]), "val": (val["images"], val["labels"])}
     input_shape = tuple(int(s) for s in train["images"].shape[1:])
-    # Inverse-frequency weights: in the loss (balanced), or as the prior shift that balanced
-    # sampling (resample) makes, which the prior correction partly undoes.
-    balance_weights = None
-    if t.class_weight in ("balanced", "resample"):
-        present = np.unique(train["labels"])
-        weights = compute_class_weight("balanced", classes=present, y=train["labels"])
-        balance_weights = {int(c): float(w) for c, w in zip(present, weights, strict=True)}
+    balance_weights = class_balance_weights(t.class_weight, train["labels"])
     class_weight = balance_weights if t.class_weight == "balanced" else None
 
     keras.mixed_precision.set_global_policy("mixed_float16" if t.mixed_precision else "float32")
