@@ -203,6 +203,7 @@ class TrainConfig:
     class_weight: str = "balanced"
     prior_correction: str = "fit"
     min_epochs: int = 0
+    ema_momentum: float = 0.0
     seed: int = 42
     deterministic: bool = False
     mixed_precision: bool = False
@@ -358,6 +359,8 @@ def _validate_train(t: DictConfig, key: str) -> None:
              f"one of {list(LR_SCHEDULES)}")
     _require(t.warmup_epochs >= 0, f"{key}.warmup_epochs", t.warmup_epochs, "an integer >= 0")
     _require(t.min_epochs >= 0, f"{key}.min_epochs", t.min_epochs, "an integer >= 0")
+    _require(0 <= t.ema_momentum < 1, f"{key}.ema_momentum", t.ema_momentum,
+             "a momentum in [0, 1): 0 = no weight averaging, 0.99 = average over ~100 steps")
     _require(t.prior_correction in ("fit", "none") or _fraction(t.prior_correction) is not None,
              f"{key}.prior_correction", t.prior_correction,
              "'fit' (undo part of the class weights, alpha chosen on validation macro-F1), "

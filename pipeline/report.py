@@ -196,6 +196,7 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> d
         "patience": trained_with.early_stopping_patience,
         "schedule": schedule_description(trained_with),
         "min_epochs": trained_with.min_epochs,
+        "ema_momentum": trained_with.ema_momentum,
         "model_path": (model_dir / MODEL_NAME).as_posix(),
         "metrics": metrics,
         "ci": bootstrap_intervals(predictions, data_meta["classes"]),

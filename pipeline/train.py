@@ -298,7 +298,8 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
         rate = phase_learning_rate(phase.learning_rate, phase.epochs,
                                    -(-len(y_train) // t.batch_size), t)
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=rate),
+            optimizer=keras.optimizers.Adam(learning_rate=rate, use_ema=t.ema_momentum > 0,
+                                            ema_momentum=t.ema_momentum or 0.99),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
             jit_compile=bool(t.jit_compile),
@@ -310,8 +311,12 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
         plateau = [keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=t.reduce_lr_factor, patience=t.reduce_lr_patience,
             min_delta=t.early_stopping_min_delta, verbose=1)] if t.lr_schedule == "plateau" else []
+        # With weight averaging, validation, early stopping and the checkpoint all see the
+        # averaged weights; the backup (listed first) still saves the raw ones to resume from.
+        averaging = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if t.ema_momentum else []
         callbacks = [
             keras.callbacks.BackupAndRestore(str(state / f"backup_{phase.name}")),
+            *averaging,
             epoch_stats_callback(number, len(x_train)),
             early_stopping,
             *plateau,

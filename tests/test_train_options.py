@@ -86,14 +86,15 @@ def test_resampling_draws_every_class_equally_often_each_epoch():
 
 
 @pytest.mark.slow
-def test_resample_and_test_time_zoom_reach_the_metrics_and_the_card(prepared_tiny, tmp_path):
+def test_resample_zoom_and_averaging_reach_the_metrics_and_the_card(prepared_tiny, tmp_path):
     from omegaconf import open_dict
 
     from pipeline import evaluate, report
 
     cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
                       f"paths.prepared={prepared_tiny.paths.prepared}",
-                      "train.class_weight=resample", "evaluate.tta_zoom=1.2")
+                      "train.class_weight=resample", "evaluate.tta_zoom=1.2",
+                      "train.ema_momentum=0.9")
     with open_dict(cfg):
         del cfg.models["transfer"]  # a project with one model: its card alone
     summary = train.run(cfg, "cnn")
@@ -104,6 +105,8 @@ def test_resample_and_test_time_zoom_reach_the_metrics_and_the_card(prepared_tin
     card = (Path(cfg.paths.reports) / "cards" / "cnn.md").read_text()
     assert "class-balanced sampling, every class drawn equally often each epoch" in card
     assert "Test images are magnified 1.2x about the centre" in card
+    assert ("exponential moving average of the trained ones (Polyak averaging, momentum 0.9 "
+            "per step)") in card
 
 
 @pytest.mark.slow
@@ -163,3 +166,30 @@ def test_min_epochs_longer_than_training_keeps_the_last_epoch(prepared_tiny, tmp
     summary = train.run(cfg, "cnn")
     assert summary["epochs"] == 2 and summary["best_epoch"] == 2
     assert summary["phases"][0]["best_val_loss_so_far"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["cnn", "transfer"])
+def test_weight_averaging_keeps_the_weights_it_validated(prepared_tiny, tmp_path, model):
+    """With ``train.ema_momentum``, the val_loss that chose the best epoch is the saved model's."""
+    import numpy as np
+
+    from pipeline.evaluate import load_model
+    from pipeline.prepare import load_split
+
+    cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
+                      f"paths.prepared={prepared_tiny.paths.prepared}", "train.epochs=3",
+                      "train.ema_momentum=0.9", "train.early_stopping_patience=1000")
+    summary = train.run(cfg, model)
+    val = load_split(Path(cfg.paths.prepared), "val")
+    saved = load_model(Path(cfg.paths.models) / model)
+    proba = saved.predict(val["images"].astype(np.float32), verbose=0)
+    loss = float(keras.losses.SparseCategoricalCrossentropy()(val["labels"], proba))
+    loss += sum(float(penalty) for penalty in saved.losses)  # val_loss includes the L2 terms
+    assert loss == pytest.approx(summary["best_val_loss"], rel=1e-3)
+
+
+def test_ema_momentum_out_of_range_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"'train.ema_momentum' = 1.0 is invalid: a momentum "
+                                         r"in \[0, 1\)"):
+        tiny_config(tmp_path, "train.ema_momentum=1.0")
