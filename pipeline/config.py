@@ -444,6 +444,7 @@ def write_params(path: str | Path = "params.yaml", overrides: list[str] | None =
 
     cfg = compose(overrides)
     OmegaConf.resolve(cfg)
+    validate(cfg)  # a bad value fails here, before params.yaml is touched
     return atomic_write_text(Path(path), OmegaConf.to_yaml(cfg))
 
 
@@ -473,5 +474,9 @@ def stage_main(run: Callable[[DictConfig], Any], objective: str | None = None
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = write_params("params.yaml", sys.argv[1:])
+    try:
+        out = write_params("params.yaml", sys.argv[1:])
+    except PipelineError as err:
+        log.error("%s", err)
+        sys.exit(2)
     log.info("wrote %s from conf/ %s", out, " ".join(sys.argv[1:]))

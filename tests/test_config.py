@@ -29,6 +29,18 @@ def test_params_yaml_equals_the_composed_conf():
     assert tracked == composed, "params.yaml is stale: run `python -m pipeline.config`"
 
 
+def test_writing_params_refuses_a_bad_value_and_keeps_the_old_file(tmp_path):
+    from pipeline.config import ConfigError, write_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text("kept: true\n")
+    with pytest.raises(ConfigError, match=r"'models.transfer.train.ema_momentum' = 2.0 is invalid"):
+        write_params(params, ["experiment=gz1", "models.transfer.train.ema_momentum=2"])
+    assert params.read_text() == "kept: true\n"
+    write_params(params, ["experiment=gz1"])
+    assert yaml.safe_load(params.read_text())["models"]["transfer"]["train"]["ema_momentum"] == 0.99
+
+
 @pytest.mark.parametrize("group,option", [
     (g.name, f.stem) for g in sorted((REPO / "conf").iterdir()) if g.is_dir()
     for f in sorted(g.glob("*.yaml"))
