@@ -1,10 +1,11 @@
-"""The whole pipeline on the tiny config: through run(), through the CLI, and through DVC."""
+"""The whole pipeline on the tiny config, through run() and the CLI.
+
+Through DVC it runs in tests/test_readme.py, as the README's own commands.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,7 @@ import pytest
 import yaml
 
 from pipeline import report
-from pipeline.config import compose
-from tests.conftest import REPO, copy_project
-
-STAGE_FILES = ("pipeline", "conf", "dvc.yaml", "pyproject.toml")
+from tests.conftest import REPO
 
 
 @pytest.mark.slow
@@ -82,48 +80,6 @@ def test_stage_cli_refuses_a_bad_value_in_one_line(tmp_path):
     out = result.stdout + result.stderr
     assert "config key 'train.learning_rate' = -0.5 is invalid: a positive number" in out
     assert "Traceback" not in out
-
-
-def run_dvc(project: Path, *args: str) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
-def ran_stages(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines()
-            if line.startswith("Running stage '")]
-
-
-@pytest.mark.slow
-def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_changed(tmp_path):
-    if shutil.which("git") is None:
-        pytest.skip("git is needed for a DVC project")
-    project = copy_project(tmp_path / "project", STAGE_FILES)
-    params = compose(["debug=tiny"])
-    from omegaconf import OmegaConf
-
-    (project / "params.yaml").write_text(OmegaConf.to_yaml(params))
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
-    run_dvc(project, "init", "-q")
-
-    first = ran_stages(run_dvc(project, "repro"))
-    assert first[:2] == ["fetch", "prepare"]
-    assert set(first) == {"fetch", "prepare", "train@cnn", "train@transfer", "evaluate@cnn",
-                          "evaluate@transfer", "report"}
-    assert (project / "reports" / "cards" / "comparison.html").is_file()
-
-    assert ran_stages(run_dvc(project, "repro")) == []
-
-    p = yaml.safe_load((project / "params.yaml").read_text())
-    p["augment"]["rotation_degrees"] = 90
-    (project / "params.yaml").write_text(yaml.safe_dump(p))
-    third = ran_stages(run_dvc(project, "repro"))
-    assert "fetch" not in third
-    assert third[0] == "prepare"
-    assert "report" in third
 
 
 def test_stage_cli_reports_bad_data_in_one_line(tmp_path):
