@@ -146,6 +146,13 @@ def _relative(target: Path, start: Path) -> str:
     return Path(os.path.relpath(target, start)).as_posix()
 
 
+def model_input(cfg: DictConfig, mc: DictConfig) -> str:
+    """The image size the network sees: the prepared size, or the size it resizes to itself."""
+    if mc.input_size:
+        return f"images resized to {mc.input_size}x{mc.input_size} px inside the model"
+    return f"{cfg.prepare.image_size}x{cfg.prepare.image_size} px input"
+
+
 def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> dict:
     mc = cfg.models[name]
     reports = Path(cfg.paths.reports) / name
@@ -156,7 +163,7 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> d
     predictions = pd.read_csv(reports / "predictions.csv", dtype={"objid": str})
     trained_with = model_train_config(cfg, name)
     if mc.kind == "cnn":
-        architecture = (f"{mc.input_size or 'native'} px input, "
+        architecture = (f"{model_input(cfg, mc)}, "
                         f"{len(mc.filters)} conv blocks (filters {list(mc.filters)}, kernel "
                         f"{mc.kernel_size}, padding '{mc.padding}', {mc.activation}"
                         f"{', batch norm' if mc.batch_norm else ''}, max-pool {mc.pool_size}), "
@@ -164,8 +171,8 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> d
                         f"softmax; L2 {mc.l2}.")
         kind_label = "CNN trained from scratch"
     else:
-        architecture = (f"{mc.backbone} (alpha {mc.alpha}) backbone at {mc.input_size or 'native'}"
-                        f" px input, global average pooling, dropout {mc.dropout}, dense "
+        architecture = (f"{mc.backbone} (alpha {mc.alpha}) backbone, {model_input(cfg, mc)}, "
+                        f"global average pooling, dropout {mc.dropout}, dense "
                         f"{mc.dense_units}, softmax; L2 {mc.l2} on the head.")
         kind_label = "transfer-learned CNN" if summary["pretrained"] else (
             "CNN on a randomly initialised backbone, NOT pretrained")

@@ -46,6 +46,7 @@ def test_tiny_pipeline_trains_evaluates_and_reports_both_models(trained_tiny):
     transfer_card = (cards / "transfer.md").read_text()
     # A model without pretrained weights says so in its first lines.
     assert "WITHOUT pretrained weights" in "\n".join(transfer_card.splitlines()[:4])
+    assert "mobilenet (alpha 0.25) backbone, 32x32 px input, global average" in transfer_card
     # How it was trained, in the terms of its config (train.lr_schedule=plateau by default).
     assert ("learning rate cut by 0.3 after 3 epochs without improvement; early stopping on "
             "validation loss (patience 5) with the best weights restored") in transfer_card

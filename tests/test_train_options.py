@@ -94,7 +94,7 @@ def test_resample_zoom_and_averaging_reach_the_metrics_and_the_card(prepared_tin
     cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
                       f"paths.prepared={prepared_tiny.paths.prepared}",
                       "train.class_weight=resample", "evaluate.tta_zoom=1.2",
-                      "train.ema_momentum=0.9")
+                      "train.ema_momentum=0.9", "models.cnn.input_size=48")
     with open_dict(cfg):
         del cfg.models["transfer"]  # a project with one model: its card alone
     summary = train.run(cfg, "cnn")
@@ -107,6 +107,7 @@ def test_resample_zoom_and_averaging_reach_the_metrics_and_the_card(prepared_tin
     assert "Test images are magnified 1.2x about the centre" in card
     assert ("exponential moving average of the trained ones (Polyak averaging, momentum 0.9 "
             "per step)") in card
+    assert "**Architecture**: images resized to 48x48 px inside the model, 2 conv blocks" in card
 
 
 @pytest.mark.slow
