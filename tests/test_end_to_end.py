@@ -47,6 +47,11 @@ def test_tiny_pipeline_trains_evaluates_and_reports_both_models(trained_tiny):
     # A model without pretrained weights says so in its first lines.
     assert "WITHOUT pretrained weights" in "\n".join(transfer_card.splitlines()[:4])
     assert "mobilenet (alpha 0.25) backbone, 32x32 px input, global average" in transfer_card
+    # Each class against the rest, e.g. elliptical against disc galaxies (issue #4's ROC AUC).
+    row = next(line for line in transfer_card.splitlines() if line.startswith("| elliptical |"))
+    auc = json.loads((Path(cfg.paths.reports) / "transfer" / "metrics.json").read_text())[
+        "roc_auc_one_vs_rest"]["elliptical"]
+    assert row.split("|")[5].strip() == f"{auc:.3f}"
     # How it was trained, in the terms of its config (train.lr_schedule=plateau by default).
     assert ("learning rate cut by 0.3 after 3 epochs without improvement; early stopping on "
             "validation loss (patience 5) with the best weights restored") in transfer_card
