@@ -1,13 +1,16 @@
 """Scan the test-time zoom (`evaluate.tta_zoom`) for trained models: validation and test scores.
 
     python benchmarks/tta_zoom_scan.py models/transfer --prepared data/prepared \\
-        --zooms 1.0 1.08 1.15 1.25
+        --zooms 1.0 1.08 1.15 1.25 [--average]
 
 For every model folder and zoom, the validation and test images are scored over the model's
 own test-time views (`evaluate.tta` in its saved config) magnified by the zoom; the prior
 correction is re-fitted on the zoomed validation views as the train stage would, and the
 printed figures are what evaluate would report for a training with that `tta_zoom`. Choose
-the zoom by the validation column; the test columns are for the record.
+the zoom by the validation column; the test columns are for the record. ``--average`` also
+scores the views of all the given zooms averaged together (a multi-scale test-time view set),
+and the last column gives the test macro-F1 at every alpha of the grid, to show what the
+validation fit of alpha chose from.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from pipeline.evaluate import classification_metrics, load_model
-from pipeline.inference import apply_class_factors, fit_prior_correction, predict_proba
+from pipeline.inference import (
+    PRIOR_CORRECTION_GRID,
+    apply_class_factors,
+    fit_prior_correction,
+    predict_proba,
+)
 from pipeline.labels import LabelScheme
 from pipeline.prepare import META_NAME, load_split
 from pipeline.train import class_balance_weights
@@ -31,6 +39,8 @@ def main() -> None:
     parser.add_argument("models", type=Path, nargs="+", help="folders written by the train stage")
     parser.add_argument("--prepared", type=Path, required=True, help="the prepare stage's output")
     parser.add_argument("--zooms", type=float, nargs="+", default=[1.0, 1.08, 1.15, 1.25])
+    parser.add_argument("--average", action="store_true",
+                        help="also score the views of all zooms averaged together")
     args = parser.parse_args()
     meta = json.loads((args.prepared / META_NAME).read_text())
     scheme = LabelScheme.from_names(meta["classes"])
@@ -38,8 +48,14 @@ def main() -> None:
     train_labels = load_split(args.prepared, "train", stream=True)["labels"]
     first = scheme.classes[0]
     width = max(len(str(f)) for f in args.models)
-    print(f"{'model':{width}s} {'zoom':>5s} {'alpha':>5s} {'val macro-F1':>12s} {'test acc':>8s} "
-          f"{'test macro-F1':>13s} {f'AUC {first} vs rest':>22s}")
+
+    def test_macro_f1(proba: np.ndarray, factors) -> float:
+        return classification_metrics(test["labels"], apply_class_factors(proba, factors),
+                                      scheme)["macro_f1"]
+
+    print(f"{'model':{width}s} {'zoom':>9s} {'alpha':>5s} {'val macro-F1':>12s} {'test acc':>8s} "
+          f"{'test macro-F1':>13s} {f'AUC {first} vs rest':>22s}  test macro-F1 by alpha "
+          f"{' / '.join(str(a) for a in PRIOR_CORRECTION_GRID)}")
     for folder in args.models:
         model = load_model(folder)
         trained = OmegaConf.load(folder / "config.yaml")
@@ -47,10 +63,16 @@ def main() -> None:
         # The inverse-frequency weights the correction undoes, as the train stage computed them.
         weights = class_balance_weights(
             OmegaConf.select(trained, "train.class_weight", default="balanced"), train_labels)
-        for zoom in args.zooms:
-            views = {name: predict_proba(model, split["images"].astype(np.float32), tta,
-                                         zoom=zoom)
-                     for name, split in (("val", val), ("test", test))}
+        by_zoom = {zoom: {name: predict_proba(model, split["images"].astype(np.float32), tta,
+                                              zoom=zoom)
+                          for name, split in (("val", val), ("test", test))}
+                   for zoom in args.zooms}
+        w = np.array([weights.get(c, 1.0) for c in range(scheme.n_classes)]) if weights else None
+        alpha_factors = [None if w is None else w ** -alpha for alpha in PRIOR_CORRECTION_GRID]
+        if args.average and len(args.zooms) > 1:
+            by_zoom["mean"] = {name: np.mean([v[name] for v in by_zoom.values()], axis=0)
+                               for name in ("val", "test")}
+        for zoom, views in by_zoom.items():
             decision = fit_prior_correction(views["val"], val["labels"], weights,
                                             scheme.n_classes)
             factors = decision["class_factors"]
@@ -58,9 +80,11 @@ def main() -> None:
                 test["labels"], apply_class_factors(views["test"], factors), scheme)
             val_f1 = classification_metrics(
                 val["labels"], apply_class_factors(views["val"], factors), scheme)["macro_f1"]
-            print(f"{folder!s:{width}s} {zoom:5.2f} {decision['alpha']:5.2f} {val_f1:12.3f} "
+            by_alpha = " / ".join(f"{test_macro_f1(views['test'], f):.3f}" for f in alpha_factors)
+            label = "all" if zoom == "mean" else f"{zoom:.2f}"
+            print(f"{folder!s:{width}s} {label:>9s} {decision['alpha']:5.2f} {val_f1:12.3f} "
                   f"{scores['accuracy']:8.3f} {scores['macro_f1']:13.3f} "
-                  f"{scores['roc_auc_one_vs_rest'][first]:22.3f}", flush=True)
+                  f"{scores['roc_auc_one_vs_rest'][first]:22.3f}  {by_alpha}", flush=True)
 
 
 if __name__ == "__main__":
