@@ -25,7 +25,8 @@ import numpy as np
 
 
 def build(policy: str, jit: bool, weights_dir: Path, fine_tune_layers: int | None):
-    """The gz1 transfer model at the start of fine-tuning, and its batch size."""
+    """The gz1 transfer model at the start of fine-tuning, with its input side, batch size and
+    number of fine-tuned backbone layers."""
     import keras
     from omegaconf import OmegaConf
 
@@ -44,7 +45,8 @@ def build(policy: str, jit: bool, weights_dir: Path, fine_tune_layers: int | Non
         overrides["fine_tune_layers"] = fine_tune_layers
     cfg = validate(OmegaConf.merge(cfg, {"models": {"transfer": overrides}}))
     train = model_train_config(cfg, "transfer")
-    built = build_model(cfg.models.transfer, (size, size, 3), 3, train, "transfer")
+    built = build_model(cfg.models.transfer, (size, size, 3), len(cfg.data.classes), train,
+                        "transfer")
     fine_tuning = built.phases[-1]
     set_trainable_from(built.model, built.backbone_name, fine_tuning.trainable_from)
     built.model.compile(keras.optimizers.Adam(fine_tuning.learning_rate),
