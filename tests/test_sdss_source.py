@@ -101,7 +101,11 @@ def test_too_many_failures_fail_the_stage_without_touching_old_output(tmp_path):
 
 def test_fits_frames_are_downloaded_once_per_field_and_cut_with_the_wcs(tmp_path, skyserver):
     server, url = skyserver
-    cfg = sdss_cfg(tmp_path, url, "data.sdss.image_type=fits", "data.sdss.fits.size=32")
+    # The stand-in builds and bz2-compresses each 400x600 frame per request (0.3-0.6 s on a
+    # 2-core host): the 0.5 s timeout of the other tests would turn a slow build into a retry,
+    # that is a second download of the same frame, which is what this test counts.
+    cfg = sdss_cfg(tmp_path, url, "data.sdss.image_type=fits", "data.sdss.fits.size=32",
+                   "data.sdss.timeout_s=30")
     catalog = fetch.run(cfg)
     frames = [r for r in server.requests if "frame-" in r]
     assert len(frames) == 2 * 3  # two fields x g, r, i
