@@ -6,7 +6,6 @@ galaxy, for ``dvc plots`` confusion matrices and for the model card) and figures
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -16,8 +15,9 @@ from omegaconf import DictConfig
 
 from pipeline import plots
 from pipeline.config import stage_main
+from pipeline.errors import MissingInputError, PipelineError
 from pipeline.inference import TTA_MODES, predict_proba
-from pipeline.io import atomic_path, atomic_write_json
+from pipeline.io import atomic_path, atomic_write_json, read_json, require_file
 from pipeline.labels import LabelScheme
 from pipeline.prepare import META_NAME, load_split
 from pipeline.train import HISTORY_NAME, MODEL_NAME, SUMMARY_NAME
@@ -29,16 +29,30 @@ def load_model(model_dir: Path):
     """Load a saved model with Keras ``safe_mode`` (no arbitrary code from the file runs).
 
     Not compiled: inference needs no optimizer, and one saved under mixed precision would not
-    match a float32 one.
+    match a float32 one. A file that is not a Keras model, or one that ``safe_mode`` refuses,
+    is an error that names it.
     """
+    import zipfile
+
     import keras
 
     path = Path(model_dir) / MODEL_NAME
     if not path.is_file():
-        from pipeline.errors import MissingInputError
-
         raise MissingInputError(f"{path}: no trained model; run the train stage first")
-    return keras.saving.load_model(path, safe_mode=True, compile=False)
+    if not zipfile.is_zipfile(path):
+        raise PipelineError(f"{path}: not a Keras model (a .keras file is a zip archive); "
+                            "train the model again or point at a folder the train stage wrote")
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as err:  # any failure: the file is not a model this pipeline can use
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "safe_mode" in str(err):
+            raise PipelineError(
+                f"{path}: refused by Keras safe_mode, because loading it would run code stored "
+                f"in the file ({first[:160]}); this pipeline never writes such models, so "
+                "use one the train stage wrote") from None
+        raise PipelineError(f"{path}: cannot load the model ({type(err).__name__}: "
+                            f"{first[:200]}); train it again") from None
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, scheme: LabelScheme) -> dict:
@@ -115,11 +129,12 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
     name = name or cfg.model
     model_dir = Path(cfg.paths.models) / name
     out_dir = Path(cfg.paths.reports) / name
-    meta = json.loads((Path(cfg.paths.prepared) / META_NAME).read_text())
+    meta = read_json(Path(cfg.paths.prepared) / META_NAME, "prepare")
     scheme = LabelScheme.from_names(meta["classes"])
     test = load_split(Path(cfg.paths.prepared), "test")
+    summary = read_json(model_dir / SUMMARY_NAME, "train")
+    history = pd.read_csv(require_file(model_dir / HISTORY_NAME, "train"))
     model = load_model(model_dir)
-    summary = json.loads((model_dir / SUMMARY_NAME).read_text())
     decision = summary.get("decision") or {}
     proba = predict_proba(model, test["images"].astype(np.float32), cfg.evaluate.tta,
                           class_factors=decision.get("class_factors"),
@@ -127,7 +142,6 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
     y = test["labels"]
     result = classification_metrics(y, proba, scheme)
 
-    history = pd.read_csv(model_dir / HISTORY_NAME)
     result.update({
         "model": name,
         "kind": summary["kind"],
@@ -151,11 +165,12 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
     for k, c in enumerate(scheme.classes):
         predictions[f"p_{c}"] = proba[:, k]
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "predictions.csv") as tmp:
+    with atomic_path(out_dir / "predictions.csv", key="paths.reports") as tmp:
         predictions.to_csv(tmp, index=False)
     classes = list(scheme.classes)
     x_test = test["images"].astype(np.float32)
-    with atomic_path(out_dir / "figures") as tmp:
+    with atomic_path(out_dir / "figures", signature="learning_curves.png",
+                     key="paths.reports") as tmp:
         tmp.mkdir()
         plots.learning_curves(history, summary["best_epoch"], tmp / "learning_curves.png",
                               f"{name}: learning curves")

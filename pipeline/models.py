@@ -121,7 +121,8 @@ def build_cnn(mc: DictConfig, input_shape: tuple[int, int, int], n_classes: int,
     return BuiltModel(model, [Phase("train", train.epochs, train.learning_rate)], None)
 
 
-def _backbone_weights(mc: DictConfig, name: str) -> str | None:
+def backbone_weights(mc: DictConfig, name: str) -> str | None:
+    """``models.<name>.weights`` as Keras takes it; a missing file is a config error."""
     w = mc.weights
     if w is None or str(w).lower() in ("null", "none", ""):
         return None
@@ -148,7 +149,7 @@ def build_transfer(mc: DictConfig, input_shape: tuple[int, int, int], n_classes:
 
     spec = BACKBONES[mc.backbone]
     size = int(mc.input_size or input_shape[0])
-    weights = _backbone_weights(mc, name)
+    weights = backbone_weights(mc, name)
     constructor = getattr(keras.applications, spec.constructor)
     kwargs = {"include_top": False, "input_shape": (size, size, 3), "alpha": mc.alpha}
     pretrained = weights is not None
@@ -159,8 +160,9 @@ def build_transfer(mc: DictConfig, input_shape: tuple[int, int, int], n_classes:
             hint = ("" if weights is None else
                     f"; set models.{name}.weights to a local .h5 file, or "
                     f"models.{name}.allow_random_init=true to train from random weights")
-            raise RuntimeError(f"cannot build backbone {mc.backbone} with weights={weights!r}: "
-                               f"{type(err).__name__}: {err}{hint}") from err
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise ConfigError(f"cannot build backbone {mc.backbone} with weights={weights!r}: "
+                              f"{type(err).__name__}: {first}{hint}") from err
         log.warning("NO PRETRAINED WEIGHTS: could not load %r for %s (%s: %s). Training the "
                     "backbone from random initialisation because models.%s.allow_random_init "
                     "is true; expect lower accuracy than a pretrained model.",

@@ -13,19 +13,27 @@ averaged over the same test-time views as evaluate used (the model's ``evaluate.
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import CONF_DIR, TTA_ZOOM_RANGE
+from pipeline.catalog import read_csv_catalog
+from pipeline.config import stage_main, validate_predict
 from pipeline.errors import PipelineError
 from pipeline.inference import TTA_MODES, mc_dropout_probabilities, predict_proba
-from pipeline.io import DISPLAY_SUFFIXES, FITS_SUFFIXES, atomic_path
+from pipeline.io import (
+    DEFAULT_MAX_PIXELS,
+    DISPLAY_SUFFIXES,
+    FITS_SUFFIXES,
+    OutputError,
+    atomic_path,
+    check_replaceable,
+    is_within,
+    read_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +42,19 @@ class PredictError(PipelineError, ValueError):
     """Bad predict input; the message names the key or file."""
 
 
-def list_inputs(input_path: Path, image_column: str) -> tuple[list[str], list[Path]]:
+def list_inputs(input_path: Path, image_column: str, encoding: str = "utf-8"
+                ) -> tuple[list[str], list[Path]]:
     """The paths as the user gave them, and where they are on disk."""
     if input_path.is_dir():
         files = sorted(p for p in input_path.rglob("*")
                        if p.is_file() and p.name.lower().endswith(FITS_SUFFIXES + DISPLAY_SUFFIXES))
         if not files:
-            raise PredictError(f"input = {str(input_path)!r}: the folder holds no JPEG, PNG or "
-                               "FITS images")
+            raise PredictError(f"input = {str(input_path)!r}: the folder holds no JPEG, PNG, "
+                               "TIFF or FITS images")
         return [str(p) for p in files], files
     if not input_path.is_file():
         raise PredictError(f"input = {str(input_path)!r}: no such file or folder")
-    catalog = pd.read_csv(input_path, dtype=str, keep_default_na=False)
+    catalog = read_csv_catalog(input_path, "input", encoding, encoding_key="encoding")
     if image_column not in catalog.columns:
         raise PredictError(f"{input_path}: no column image_column = {image_column!r}; the "
                            f"catalog has {list(catalog.columns)}")
@@ -54,27 +63,34 @@ def list_inputs(input_path: Path, image_column: str) -> tuple[list[str], list[Pa
     return given, [Path(g) if Path(g).is_absolute() else root / g for g in given]
 
 
+def check_output(output: Path, input_path: Path, model_dir: Path, images: list[Path]) -> None:
+    """The predictions file may replace an old predictions file, never an input: not the
+    catalog, an image or the model, nothing inside an input folder, and not a folder."""
+    check_replaceable(output, "output", None)
+    inputs = {"input": input_path, "model_dir": model_dir}
+    for key, path in inputs.items():
+        inside = is_within(output, path)
+        if inside and (path.is_dir() or key == "input"):
+            raise OutputError(f"output = {str(output)!r} lies in or is {key} = {str(path)!r}; "
+                              "write the predictions somewhere else")
+    target = output.expanduser().resolve()
+    if any(p.expanduser().resolve() == target for p in images):
+        raise OutputError(f"output = {str(output)!r} is one of the input images; write the "
+                          "predictions somewhere else")
+
+
 def tta_mode(cfg: DictConfig, trained: DictConfig) -> str:
     """``tta`` from the command line, else what the model was evaluated with."""
     tta = cfg.get("tta")
-    if tta is None:
-        tta = OmegaConf.select(trained, "evaluate.tta", default="none")
-    if tta not in TTA_MODES:
-        raise PredictError(f"tta = {tta!r}: use one of {list(TTA_MODES)}, or null for the "
-                           "model's own evaluate.tta")
-    return str(tta)
+    return str(tta if tta is not None else OmegaConf.select(trained, "evaluate.tta",
+                                                             default="none"))
 
 
 def tta_zoom(cfg: DictConfig, trained: DictConfig) -> float:
     """``tta_zoom`` from the command line, else the model's own (1.0 for older models)."""
     zoom = cfg.get("tta_zoom")
-    if zoom is None:
-        zoom = OmegaConf.select(trained, "evaluate.tta_zoom", default=1.0)
-    low, high = TTA_ZOOM_RANGE
-    if not isinstance(zoom, int | float) or isinstance(zoom, bool) or not low <= zoom <= high:
-        raise PredictError(f"tta_zoom = {zoom!r}: use a magnification in [{low}, {high}] "
-                           "(1.0 = as is), or null for the model's own evaluate.tta_zoom")
-    return float(zoom)
+    return float(zoom if zoom is not None else OmegaConf.select(trained, "evaluate.tta_zoom",
+                                                                 default=1.0))
 
 
 def trained_class_factors(model_dir: Path) -> list[float] | None:
@@ -84,29 +100,44 @@ def trained_class_factors(model_dir: Path) -> list[float] | None:
     summary = model_dir / SUMMARY_NAME
     if not summary.is_file():
         return None
-    return (json.loads(summary.read_text()).get("decision") or {}).get("class_factors")
+    return (read_json(summary, "train").get("decision") or {}).get("class_factors")
+
+
+def load_trained_config(model_dir: Path) -> DictConfig:
+    saved = model_dir / "config.yaml"
+    if not saved.is_file():
+        raise PredictError(f"model_dir = {str(model_dir)!r}: no config.yaml; point it at a "
+                           "folder written by the train stage")
+    try:
+        trained = OmegaConf.load(saved)
+        OmegaConf.to_container(trained.data.classes)
+    except Exception as err:  # any YAML or structure problem: not a config the train stage wrote
+        raise PredictError(f"{saved}: not a config the train stage wrote ({type(err).__name__}: "
+                           f"{str(err).strip().splitlines()[0][:160]})") from None
+    return trained
 
 
 def run(cfg: DictConfig) -> pd.DataFrame:
     from pipeline.evaluate import load_model
     from pipeline.prepare import load_images
 
+    cfg = validate_predict(cfg)
     model_dir = Path(cfg.model_dir)
-    saved_config = model_dir / "config.yaml"
-    if not saved_config.is_file():
-        raise PredictError(f"model_dir = {str(model_dir)!r}: no config.yaml; point it at a "
-                           "folder written by the train stage")
-    trained = OmegaConf.load(saved_config)
+    trained = load_trained_config(model_dir)
     classes = list(OmegaConf.to_container(trained.data.classes))
-    given, paths = list_inputs(Path(str(cfg.input)), cfg.image_column)  # fail fast on bad input
-    tta, zoom = tta_mode(cfg, trained), tta_zoom(cfg, trained)  # also before any image is read
+    input_path, out = Path(str(cfg.input)), Path(str(cfg.output))
+    given, paths = list_inputs(input_path, cfg.image_column, cfg.encoding)  # fail fast
+    check_output(out, input_path, model_dir, paths)
+    tta, zoom = tta_mode(cfg, trained), tta_zoom(cfg, trained)
+    max_pixels = int(cfg.max_image_pixels or OmegaConf.select(
+        trained, "data.max_image_pixels", default=DEFAULT_MAX_PIXELS))
     model = load_model(model_dir)
-    images, kept, skipped = load_images(paths, trained.prepare, given)
+    images, kept, skipped = load_images(paths, trained.prepare, given, max_pixels=max_pixels)
     for s in skipped:
         log.warning("skipped %s", s["reason"])
     if not kept.any():
         raise PredictError(f"input = {str(cfg.input)!r}: none of the {len(paths)} images could "
-                           "be read")
+                           f"be read; first: {skipped[0]['reason']}")
     x = images[kept]
     factors = trained_class_factors(model_dir)
     log.info("test-time views: %s (%d per image, magnified %gx); prior correction factors %s",
@@ -128,26 +159,13 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         result[f"p_{c}"] = proba[:, k]
     result["entropy"] = entropy
     result["mc_dropout_std"] = spread
-    out = Path(str(cfg.output))
-    with atomic_path(out) as tmp:
+    with atomic_path(out, key="output") as tmp:
         result.to_csv(tmp, index=False)
     log.info("wrote %d predictions to %s (%d images skipped)", len(result), out, len(skipped))
     return result
 
 
-def main() -> None:
-    import hydra
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="predict", version_base="1.3")
-    def entry(cfg: DictConfig) -> None:
-        try:
-            run(cfg)
-        except PipelineError as err:
-            log.error("%s", err)
-            sys.exit(2)
-
-    entry()
-
+main = stage_main(run, config_name="predict", validator=validate_predict)
 
 if __name__ == "__main__":
     main()

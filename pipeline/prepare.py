@@ -16,7 +16,6 @@ galaxies only and keep their original's ``objid``, so no galaxy's copies cross s
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +25,28 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from pipeline.augment import augment_copies
+from pipeline.catalog import (
+    CATALOG_COLUMNS,
+    CATALOG_NAME,
+    check_class_counts,
+    drop_duplicate_galaxies,
+    galaxies_needed_per_class,
+    read_csv_catalog,
+)
 from pipeline.config import stage_main
-from pipeline.errors import PipelineError
+from pipeline.errors import MissingInputError, PipelineError
 from pipeline.io import (
+    DEFAULT_MAX_PIXELS,
     FLUX,
     ImageError,
     atomic_path,
     atomic_write_json,
+    check_replaceable,
+    ensure_free_space,
     read_image,
     save_arrays,
 )
 from pipeline.labels import LabelScheme
-from pipeline.sources import CATALOG_COLUMNS, CATALOG_NAME
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +121,8 @@ def crop_and_resize(images: np.ndarray, center_crop: float, size: int) -> np.nda
 def read_catalog(raw: Path, scheme: LabelScheme) -> pd.DataFrame:
     path = raw / CATALOG_NAME
     if not path.is_file():
-        raise DataError(f"{path}: catalog not found; run the fetch stage first")
-    catalog = pd.read_csv(path, dtype={"objid": str, "label": str, "file": str})
+        raise MissingInputError(f"{path}: catalog not found; run the fetch stage first")
+    catalog = read_csv_catalog(path, f"paths.raw ({raw})")
     missing = [c for c in CATALOG_COLUMNS if c not in catalog.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; a catalog needs "
@@ -122,12 +131,11 @@ def read_catalog(raw: Path, scheme: LabelScheme) -> pd.DataFrame:
     if unknown:
         raise DataError(f"{path}: labels {unknown} are not in data.classes "
                         f"{list(scheme.classes)}")
-    if catalog.empty:
-        raise DataError(f"{path}: the catalog has no galaxies")
     return catalog
 
 
-def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = None
+def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS
                 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Read, crop, resize and normalise cutouts as ``prep`` (a ``prepare`` config) says.
 
@@ -157,7 +165,7 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
 
     for i, path in enumerate(tqdm(paths, desc="read cutouts", unit="img")):
         try:
-            image, kind = read_image(path)
+            image, kind = read_image(path, max_pixels=max_pixels)
         except ImageError as err:
             skipped.append({"objid": ids[i], "file": str(path), "reason": str(err)})
             continue
@@ -174,8 +182,7 @@ def stratified_split(labels: np.ndarray, split: DictConfig, classes: tuple[str, 
                      ) -> dict[str, np.ndarray]:
     """Indices of train/val/test, stratified by class, from ``prepare.split.seed``."""
     counts = np.bincount(labels, minlength=len(classes))
-    # The held-out share of each class must hold at least one validation and one test galaxy.
-    needed = max(3, math.ceil(2 / (split.val + split.test)))
+    needed = galaxies_needed_per_class(split.val, split.test)
     too_few = {classes[k]: int(c) for k, c in enumerate(counts) if c < needed}
     if too_few:
         raise DataError(f"classes {too_few} have fewer than {needed} galaxies; a stratified "
@@ -217,25 +224,36 @@ def save_augmentation_grid(originals: np.ndarray, copies: list[np.ndarray], path
 def run(cfg: DictConfig) -> dict:
     """Prepare ``paths.raw`` into ``paths.prepared``; returns the metadata written."""
     raw, prepared = Path(cfg.paths.raw), Path(cfg.paths.prepared)
+    check_replaceable(prepared, "paths.prepared", META_NAME)
     scheme = LabelScheme.from_names(cfg.data.classes)
     catalog = read_catalog(raw, scheme)
+    # fetch drops repeated galaxies; a catalog made or edited by hand may still hold some.
+    catalog, duplicates = drop_duplicate_galaxies(catalog, raw)
     images, kept, skipped = load_images([raw / f for f in catalog["file"]], cfg.prepare,
-                                        catalog["objid"].tolist())
+                                        catalog["objid"].tolist(),
+                                        max_pixels=int(cfg.data.max_image_pixels))
     if skipped:
         log.warning("skipped %d unreadable cutout(s); see skipped.csv. First: %s",
                     len(skipped), skipped[0]["reason"])
-    if not kept.any():
-        raise DataError(f"{raw}: none of the {len(catalog)} cutouts could be read")
-    if len(skipped) / len(catalog) > cfg.data.max_bad_fraction:
+    if len(skipped) > cfg.data.max_bad_fraction * len(catalog):
+        kept_list = prepared.with_name(f"{prepared.name}-skipped.csv")
+        pd.DataFrame(skipped).to_csv(kept_list, index=False)
         raise DataError(f"{raw}: {len(skipped)} of {len(catalog)} cutouts are unreadable, more "
-                        f"than data.max_bad_fraction = {cfg.data.max_bad_fraction}; first: "
-                        f"{skipped[0]['reason']}")
+                        f"than data.max_bad_fraction = {cfg.data.max_bad_fraction}; all are "
+                        f"listed in {kept_list}; first: {skipped[0]['reason']}")
     catalog, images = catalog[kept].reset_index(drop=True), images[kept]
+    split_cfg = cfg.prepare.split
+    check_class_counts(catalog, list(scheme.classes), split_cfg.val, split_cfg.test,
+                       f"{raw / CATALOG_NAME}")
     labels = scheme.encode(catalog["label"].tolist())
-    split = stratified_split(labels, cfg.prepare.split, scheme.classes)
+    split = stratified_split(labels, split_cfg, scheme.classes)
+    copies = int(cfg.augment.copies) if cfg.augment.mode == "stored" else 0
+    # float16 images, plus the augmented copies of the training split
+    ensure_free_space(prepared.parent, images[:1].nbytes // 2 * (len(images) + copies * len(
+        split["train"])), "the prepared images")
 
     grid_n = min(int(cfg.prepare.grid_examples), len(split["train"]))
-    with atomic_path(prepared) as tmp:
+    with atomic_path(prepared, signature=META_NAME, key="paths.prepared") as tmp:
         tmp.mkdir(parents=True)
         for name in SPLITS:
             idx = split[name]
@@ -267,6 +285,7 @@ def run(cfg: DictConfig) -> dict:
             "normalization": "asinh stretch to [-1, 1] (flux) | x/127.5-1 (display)",
             "source": str(cfg.data.source),
             "n_skipped": len(skipped),
+            "n_duplicates_dropped": len(duplicates),
             "splits": {
                 name: {
                     "galaxies": len(split[name]),
@@ -280,6 +299,7 @@ def run(cfg: DictConfig) -> dict:
             "augment_mode": str(cfg.augment.mode),
         }
         atomic_write_json(tmp / META_NAME, meta)
+    prepared.with_name(f"{prepared.name}-skipped.csv").unlink(missing_ok=True)  # stale now
     log.info("prepared %s: %s", prepared,
              {k: v["galaxies"] for k, v in meta["splits"].items()})
     return meta
@@ -291,7 +311,6 @@ def load_split(prepared: Path, name: str, stream: bool = False) -> dict:
     With ``stream`` the images stay on disk (:class:`pipeline.io.NpyRows`, read a batch at a
     time); the small per-galaxy arrays are loaded.
     """
-    from pipeline.errors import MissingInputError
     from pipeline.io import NpyRows, load_arrays
 
     folder = Path(prepared) / name

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import json
 import logging
 import os
 import platform
@@ -24,7 +23,8 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from omegaconf import DictConfig
 
 from pipeline.config import model_train_config, stage_main
-from pipeline.io import atomic_path, atomic_write_json
+from pipeline.errors import MissingInputError
+from pipeline.io import atomic_path, atomic_write_json, read_json, require_file
 from pipeline.labels import LabelScheme
 from pipeline.prepare import META_NAME
 from pipeline.train import MODEL_NAME, SUMMARY_NAME, schedule_description
@@ -157,10 +157,11 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> d
     mc = cfg.models[name]
     reports = Path(cfg.paths.reports) / name
     model_dir = Path(cfg.paths.models) / name
-    metrics = json.loads((reports / "metrics.json").read_text())
-    summary = json.loads((model_dir / SUMMARY_NAME).read_text())
-    history = pd.read_csv(model_dir / "history.csv")
-    predictions = pd.read_csv(reports / "predictions.csv", dtype={"objid": str})
+    metrics = read_json(reports / "metrics.json", "evaluate")
+    summary = read_json(model_dir / SUMMARY_NAME, "train")
+    history = pd.read_csv(require_file(model_dir / "history.csv", "train"))
+    predictions = pd.read_csv(require_file(reports / "predictions.csv", "evaluate"),
+                              dtype={"objid": str})
     trained_with = model_train_config(cfg, name)
     if mc.kind == "cnn":
         architecture = (f"{model_input(cfg, mc)}, "
@@ -244,7 +245,8 @@ def _markdown_to_html(markdown_text: str, title: str, base: Path, env: Environme
     def embed(match: re.Match) -> str:
         path = (base / match.group(1)).resolve()
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: figure referenced by the model card is missing")
+            raise MissingInputError(f"{path}: figure referenced by the model card is missing; "
+                                    "run the evaluate stage first")
         data = base64.b64encode(path.read_bytes()).decode("ascii")
         return f'src="data:image/png;base64,{data}"'
 
@@ -304,7 +306,7 @@ def card_as_json(m: dict, common: dict) -> dict:
 def run(cfg: DictConfig) -> list[Path]:
     reports = Path(cfg.paths.reports)
     prepared = Path(cfg.paths.prepared)
-    data_meta = json.loads((prepared / META_NAME).read_text())
+    data_meta = read_json(prepared / META_NAME, "prepare")
     cards = reports / "cards"
     env = Environment(loader=PackageLoader("pipeline", "templates"), undefined=StrictUndefined,
                       autoescape=False, trim_blocks=False)
@@ -317,7 +319,7 @@ def run(cfg: DictConfig) -> list[Path]:
         "data": data_context(cfg, data_meta),
     }
     written = []
-    with atomic_path(cards) as tmp:
+    with atomic_path(cards, signature="comparison.md", key="paths.reports") as tmp:
         tmp.mkdir(parents=True)
         # Relative links are computed against the final folder, which tmp becomes.
         contexts = [model_context(cfg, name, cards, data_meta) for name in cfg.models]

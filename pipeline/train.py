@@ -25,9 +25,16 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import model_train_config, stage_main
 from pipeline.errors import PipelineError
 from pipeline.inference import PRIOR_CORRECTION_GRID, fit_prior_correction, predict_proba
-from pipeline.io import atomic_path, atomic_write_json
+from pipeline.io import (
+    OutputError,
+    atomic_path,
+    atomic_write_json,
+    check_replaceable,
+    read_json,
+    refuse_overlap,
+)
 from pipeline.labels import LabelScheme
-from pipeline.models import BuiltModel, build_model, set_trainable_from
+from pipeline.models import BuiltModel, backbone_weights, build_model, set_trainable_from
 from pipeline.prepare import META_NAME, load_split
 
 log = logging.getLogger(__name__)
@@ -182,11 +189,20 @@ def exclusive_state(state: Path, name: str):
 
 
 def prepare_state_dir(state: Path, fingerprint: str) -> bool:
-    """Reuse the state of a killed run with the same config; returns True when resuming."""
+    """Reuse the state of a killed run with the same config; returns True when resuming.
+
+    Only a folder this stage made (it holds ``fingerprint.txt``) is ever deleted: a
+    ``paths.backup`` pointed at a folder of the user's is refused instead.
+    """
     stamp = state / "fingerprint.txt"
     if state.is_dir() and stamp.is_file() and stamp.read_text().strip() == fingerprint:
         return True
     if state.exists():
+        if not stamp.is_file() and (not state.is_dir() or any(state.iterdir())):
+            raise OutputError(
+                f"paths.backup = {str(state.parent)!r}: {state} holds files this stage did not "
+                "write (no fingerprint.txt); refusing to delete them: point paths.backup at a "
+                "folder of its own")
         log.info("discarding training state in %s from a different config", state)
         shutil.rmtree(state)
     state.mkdir(parents=True)
@@ -348,9 +364,6 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
 
 def run(cfg: DictConfig, name: str | None = None) -> dict:
     """Train ``models[name]`` (default: ``cfg.model``) on the prepared data."""
-    import keras
-    import pandas as pd
-
     from pipeline.sweep import redirect_outputs_in_multirun
 
     cfg = redirect_outputs_in_multirun(cfg)
@@ -360,7 +373,18 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
     mc = cfg.models[name]
     t = cfg.train
     prepared = Path(cfg.paths.prepared)
-    meta = json.loads((prepared / META_NAME).read_text())
+    out, state = Path(cfg.paths.models) / name, Path(cfg.paths.backup) / name
+    # Everything that can be checked is checked before TensorFlow loads (seconds) and the data.
+    meta = read_json(prepared / META_NAME, "prepare")
+    check_replaceable(out, "paths.models", SUMMARY_NAME)
+    weights = backbone_weights(mc, name) if mc.kind == "transfer" else None
+    if weights not in (None, "imagenet"):
+        refuse_overlap({"paths.models": out, "paths.backup": state},
+                       {f"models.{name}.weights": weights})
+
+    import keras
+    import pandas as pd
+
     scheme = LabelScheme.from_names(meta["classes"])
     keras.utils.set_random_seed(int(t.seed))
     if t.deterministic:
@@ -383,7 +407,6 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
         built = build_model(mc, input_shape, scheme.n_classes, t, name=name)
     log.info("training %s (%s, %d parameters) on %d images, validating on %d", name, mc.kind,
              built.model.count_params(), len(train["labels"]), len(val["labels"]))
-    state = Path(cfg.paths.backup) / name
     with exclusive_state(state, name):  # released even if training fails
         resumed = prepare_state_dir(state, config_fingerprint(cfg, name))
         if resumed:
@@ -435,9 +458,8 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
             "wall_time_s": round(wall, 1),
             "resumed": resumed,
         }
-        out = Path(cfg.paths.models) / name
         keras.mixed_precision.set_global_policy("float32")  # leave the process as we found it
-        with atomic_path(out) as tmp:
+        with atomic_path(out, signature=SUMMARY_NAME, key="paths.models") as tmp:
             tmp.mkdir(parents=True)
             built.model.save(tmp / MODEL_NAME)
             history.to_csv(tmp / HISTORY_NAME, index=False)

@@ -7,7 +7,9 @@
   bz2-compressed FITS frames with an SDSS-style TAN WCS (CRVAL/CRPIX/CD matrix).
 
 Faults can be injected per request kind: a 500, a response slower than the client's timeout,
-a truncated body, or corrupt bytes, each for the first few requests of a galaxy.
+a body trickled out a few bytes at a time (each read quick, the whole slow), a truncated body,
+or corrupt bytes, each for the first few requests of a galaxy. ``sql_bodies`` replaces the
+CSV of a class's query with exact bytes (an HTML page, a CSV with missing columns, ...).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class FakeSkyServer:
     latency_s: float = 0.0
     faults: dict[str, tuple[str, int]] = field(default_factory=dict)  # ra key -> (kind, times)
     jpeg_bytes: dict[str, bytes] = field(default_factory=dict)  # "ra,dec" -> exact response
+    sql_bodies: dict[str, bytes] = field(default_factory=dict)  # class -> exact SQL reply
     requests: list[str] = field(default_factory=list)
     _seen: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -58,6 +61,8 @@ class FakeSkyServer:
     def sql_csv(self, sql: str) -> bytes:
         where = sql.split(" WHERE ", 1)[1]
         label = next(c for k, c in CLASS_BY_CONDITION.items() if k in where)
+        if label in self.sql_bodies:
+            return self.sql_bodies[label]
         top = int(re.search(r"TOP (\d+)", sql).group(1))
         rows = [g for g in self.galaxies if g.label == label][:top]
         lines = ["#Table1", "objid,ra,dec,p_el_debiased,p_cs_debiased,p_cw,p_acw,p_edge,p_mg,"
@@ -138,6 +143,13 @@ class FakeSkyServer:
                 if fault == "truncated":
                     body = body[: len(body) // 2]
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    if fault == "drip":  # 16 pieces 0.25 s apart: no read waits long
+                        step = max(1, -(-len(body) // 16))
+                        for start in range(0, len(body), step):
+                            self.wfile.write(body[start:start + step])
+                            self.wfile.flush()
+                            time.sleep(0.25)
+                        return
                     self.wfile.write(body)
 
             def do_GET(self):

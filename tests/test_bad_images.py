@@ -75,5 +75,5 @@ def test_wrong_band_count_is_named(tmp_path):
 
 
 def test_unsupported_suffix_is_named():
-    with pytest.raises(ImageError, match=r"galaxy.tiff: unsupported image type"):
-        read_image(Path("galaxy.tiff"))
+    with pytest.raises(ImageError, match=r"galaxy.bmp: unsupported image type"):
+        read_image(Path("galaxy.bmp"))

@@ -73,7 +73,7 @@ def test_ids_cannot_escape_the_data_folder(tmp_path):
     assert safe_name("../../etc/passwd") == "etc_passwd"
     assert safe_name("/abs/path") == "abs_path"
     assert safe_name("..") == "unnamed"
-    catalog = make_folder(tmp_path / "user", n_per_label=3)
+    catalog = make_folder(tmp_path / "user")
     df = pd.read_csv(catalog)
     df.loc[0, "id"] = "../../../escape"
     df.to_csv(catalog, index=False)
@@ -99,7 +99,7 @@ def test_label_map_onto_unknown_class_is_refused(tmp_path):
 
 
 def test_broken_images_are_listed_and_too_many_fail_the_run(tmp_path):
-    catalog = make_folder(tmp_path / "user", n_per_label=4)
+    catalog = make_folder(tmp_path / "user", n_per_label=9)
     (tmp_path / "user" / "imgs" / "E_0.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     (tmp_path / "user" / "imgs" / "E_1.png").write_bytes(b"")
     cfg = folder_cfg(tmp_path, catalog, "data.max_bad_fraction=0.2")
@@ -107,14 +107,19 @@ def test_broken_images_are_listed_and_too_many_fail_the_run(tmp_path):
     failures = pd.read_csv(Path(cfg.paths.raw) / "failures.csv")
     assert sorted(failures["objid"]) == ["E-0", "E-1"]
     assert "file is empty" in failures.set_index("objid").loc["E-1", "reason"]
-    assert len(out) == 14
-    strict = folder_cfg(tmp_path / "strict", catalog, "data.max_bad_fraction=0.1")
-    with pytest.raises(CatalogError, match=r"2 of 16 images \(12.5%\) are unusable"):
+    assert len(out) == 34
+    strict = folder_cfg(tmp_path / "strict", catalog, "data.max_bad_fraction=0.05")
+    kept = Path(strict.paths.raw).with_name("raw-failures.csv")
+    with pytest.raises(CatalogError, match=r"2 of 36 galaxies \(5.6%\) could not be used, more "
+                                           rf"than data.max_bad_fraction = 0.05; all are listed "
+                                           rf"in {kept}"):
         fetch.run(strict)
+    assert sorted(pd.read_csv(kept)["objid"]) == ["E-0", "E-1"]  # kept where the message says
+    assert not Path(strict.paths.raw).exists()
 
 
 def test_nan_pixels_in_fits_are_refused(tmp_path):
-    catalog = make_folder(tmp_path / "user", n_per_label=3)
+    catalog = make_folder(tmp_path / "user", n_per_label=9)
     with fits.open(tmp_path / "user" / "imgs" / "sub" / "E_2.fits", mode="update") as hdul:
         hdul[0].data[0, 5, 5] = np.nan
     cfg = folder_cfg(tmp_path, catalog, "data.max_bad_fraction=0.5")

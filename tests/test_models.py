@@ -64,7 +64,7 @@ def test_unreachable_imagenet_without_permission_fails_loudly(tiny_cfg, monkeypa
     monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
     tiny_cfg.models.transfer.weights = "imagenet"
     tiny_cfg.models.transfer.allow_random_init = False
-    with pytest.raises(RuntimeError, match=r"allow_random_init=true"):
+    with pytest.raises(ConfigError, match=r"allow_random_init=true"):
         build(tiny_cfg, "transfer")
 
 

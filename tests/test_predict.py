@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline import predict
+from pipeline.config import ConfigError
 from tests.conftest import REPO
 
 
@@ -53,13 +54,13 @@ def test_predict_on_a_catalog_reproduces_evaluate(trained_tiny, tmp_path):
                                      input=str(user_catalog), image_column="path", tta="none",
                                      output=str(tmp_path / "one.csv"), mc_dropout_samples=0))
     assert not np.allclose(single["p_spiral"], out["p_spiral"], atol=1e-4)
-    with pytest.raises(predict.PredictError, match=r"tta = 'flip': use one of \['none'"):
+    with pytest.raises(ConfigError, match=r"'tta' = 'flip' is invalid: one of \['none'"):
         predict.run(predict_cfg(model_dir=str(Path(cfg.paths.models) / "cnn"),
                                 input=str(user_catalog), image_column="path", tta="flip",
                                 output=str(tmp_path / "bad.csv"), mc_dropout_samples=0))
     assert not (tmp_path / "bad.csv").exists()
-    with pytest.raises(predict.PredictError,
-                       match=r"tta_zoom = 5: use a magnification in \[0.5, 2.0\]"):
+    with pytest.raises(ConfigError,
+                       match=r"'tta_zoom' = 5.0 is invalid: a magnification in \[0.5, 2.0\]"):
         predict.run(predict_cfg(model_dir=str(Path(cfg.paths.models) / "cnn"),
                                 input=str(user_catalog), image_column="path", tta_zoom=5,
                                 output=str(tmp_path / "bad.csv"), mc_dropout_samples=0))

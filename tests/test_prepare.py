@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline import fetch, prepare
+from pipeline.catalog import CatalogError
 from pipeline.io import load_arrays
 from pipeline.prepare import DataError, normalize_display, normalize_flux
 
@@ -116,7 +117,8 @@ def test_a_class_too_small_to_split_is_refused(tiny_cfg):
     df = pd.read_csv(catalog)
     keep = (df["label"] != "spiral") | (df.groupby("label").cumcount() < 2)
     df[keep].to_csv(catalog, index=False)
-    with pytest.raises(DataError, match=r"classes \{'spiral': 2\} have fewer than 7 galaxies"):
+    with pytest.raises(CatalogError, match=r"class count\(s\) \{'spiral': 2\} are below 7, the "
+                                           r"fewest a stratified split .* can take"):
         prepare.run(tiny_cfg)
 
 

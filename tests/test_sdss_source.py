@@ -12,8 +12,9 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from pipeline import fetch, prepare
+from pipeline.catalog import CatalogError
 from pipeline.config import ConfigError
-from pipeline.sources.sdss import SdssError, label_query
+from pipeline.sources.sdss import label_query
 from tests.conftest import shared_path, tiny_config
 from tests.fake_skyserver import FakeSkyServer, Galaxy, make_galaxies
 
@@ -90,13 +91,15 @@ def test_too_many_failures_fail_the_stage_without_touching_old_output(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "catalog.csv").write_text("old\n")
+    (raw / "fetch_summary.json").write_text("{}\n")  # an earlier fetch's output
     try:
-        with pytest.raises(SdssError, match=r"5 of 24 galaxies failed, more than "
-                                             r"data.max_bad_fraction = 0.05"):
+        with pytest.raises(CatalogError, match=r"5 of 24 galaxies \(20.8%\) could not be used, "
+                                               r"more than data.max_bad_fraction = 0.05"):
             fetch.run(sdss_cfg(tmp_path, url))
     finally:
         server.stop()
     assert (raw / "catalog.csv").read_text() == "old\n"
+    assert len(pd.read_csv(tmp_path / "raw-failures.csv")) == 5
 
 
 def test_fits_frames_are_downloaded_once_per_field_and_cut_with_the_wcs(tmp_path, skyserver):
@@ -161,7 +164,10 @@ def test_real_getjpeg_responses_are_served_and_stored_byte_for_byte(tmp_path):
         for r in labels.itertuples()})
     url = server.start()
     try:
+        # 5 of the 310 are ellipticals: held-out fractions of 0.7 split 3 or more.
         cfg = sdss_cfg(tmp_path, url, "data.classes=[spiral,elliptical]",
+                       "prepare.split.train=0.3", "prepare.split.val=0.35",
+                       "prepare.split.test=0.35",
                        "data.sdss.data_release=12", "data.sdss.jpeg.scale_mode=fixed",
                        "data.sdss.jpeg.scale=0.2", "data.sdss.jpeg.size=120",
                        "data.sdss.n_per_class=400", "data.sdss.candidates_per_class=400",

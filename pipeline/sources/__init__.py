@@ -15,8 +15,9 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-CATALOG_COLUMNS = ("objid", "ra", "dec", "label", "file")
-CATALOG_NAME = "catalog.csv"
+from pipeline.catalog import CATALOG_COLUMNS, CATALOG_NAME
+
+__all__ = ["CATALOG_COLUMNS", "CATALOG_NAME", "Source", "get_source"]
 
 # A source takes the validated config and an empty folder, fills the folder with cutouts and
 # returns the catalog (fetch writes it).

@@ -18,16 +18,12 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError
-from pipeline.io import ImageError, image_kind, read_image
+from pipeline.catalog import CatalogError, numeric_column, read_csv_catalog
+from pipeline.io import ImageError, ensure_free_space, image_kind, is_within, read_image
 
 log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-class CatalogError(PipelineError, ValueError):
-    """The user's catalog cannot be used as configured; the message names file and column."""
 
 
 def safe_name(value: object) -> str:
@@ -38,9 +34,7 @@ def safe_name(value: object) -> str:
 
 def read_user_catalog(fc: DictConfig) -> tuple[pd.DataFrame, Path]:
     path = Path(str(fc.catalog)).expanduser()
-    if not path.is_file():
-        raise CatalogError(f"data.folder.catalog = {str(fc.catalog)!r}: no such file")
-    catalog = pd.read_csv(path, dtype=str, keep_default_na=False)
+    catalog = read_csv_catalog(path, "data.folder.catalog", str(fc.encoding))
     needed = [c for c in (fc.image_column, fc.label_column, fc.id_column, fc.ra_column,
                           fc.dec_column) if c]
     missing = [c for c in needed if c not in catalog.columns]
@@ -55,6 +49,12 @@ def fetch_folder(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     """Check, map and copy the user's labelled images into ``out_dir``."""
     fc = cfg.data.folder
     catalog, root = read_user_catalog(fc)
+    # Coordinates are checked on the catalog as the user wrote it, so errors name its rows.
+    path = Path(str(fc.catalog))
+    catalog["_ra"] = (numeric_column(catalog, fc.ra_column, path, 0, 360, "degrees")
+                      if fc.ra_column else float("nan"))
+    catalog["_dec"] = (numeric_column(catalog, fc.dec_column, path, -90, 90, "degrees")
+                       if fc.dec_column else float("nan"))
     classes = list(cfg.data.classes)
     label_map = {str(k): str(v) for k, v in fc.label_map.items()} if fc.label_map else {
         c: c for c in classes}
@@ -73,31 +73,42 @@ def fetch_folder(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         raise CatalogError(f"no galaxy left after mapping labels: data.folder.label_map covers "
                            f"none of the labels {sorted(raw_labels.unique())[:20]}")
 
+    sources = [Path(g) if Path(g).is_absolute() else root / g
+               for g in catalog[fc.image_column]]
+    raw = Path(cfg.paths.raw)
+    inside = next((s for s in sources if is_within(s, raw)), None)
+    if inside is not None:
+        raise CatalogError(f"{fc.catalog}: image {str(inside)!r} lies inside paths.raw = "
+                           f"{str(raw)!r}, which fetch replaces; move the images out of it")
+    ensure_free_space(out_dir, sum(s.stat().st_size for s in sources if s.is_file()),
+                      f"copying {len(sources)} images")
+
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    rows, failures, seen = [], [], set()
-    for i, row in enumerate(tqdm(catalog.to_dict("records"), desc="check images", unit="img")):
+    rows, failures, names = [], [], set()
+    records = catalog.to_dict("records")
+    for i, (row, source) in enumerate(tqdm(list(zip(records, sources, strict=True)),
+                                           desc="check images", unit="img")):
         given = row[fc.image_column]
-        source = Path(given) if Path(given).is_absolute() else root / given
-        objid = safe_name(row[fc.id_column]) if fc.id_column else f"row{i:07d}"
-        if objid in seen:
-            objid = f"{objid}_{i}"
-        seen.add(objid)
+        # The catalog's own id; repeated ids stay equal so that fetch finds the duplicates.
+        objid = str(row[fc.id_column]).strip() if fc.id_column else f"row{i:07d}"
         try:
             suffix = "".join(source.suffixes[-2:]) if image_kind(source) == "flux" and \
                 source.name.lower().endswith(".gz") else source.suffix.lower()
-            read_image(source)
+            read_image(source, max_pixels=int(cfg.data.max_image_pixels))
         except ImageError as err:
             failures.append({"objid": objid, "file": given, "reason": str(err)})
             continue
-        target = images_dir / f"{objid}{suffix}"
-        shutil.copyfile(source, target)
+        stem = safe_name(objid)
+        name = f"{stem}{suffix}" if f"{stem}{suffix}" not in names else f"{stem}_{i}{suffix}"
+        names.add(name)
+        shutil.copyfile(source, images_dir / name)
         rows.append({
             "objid": objid,
-            "ra": float(row[fc.ra_column]) if fc.ra_column else float("nan"),
-            "dec": float(row[fc.dec_column]) if fc.dec_column else float("nan"),
+            "ra": row["_ra"],
+            "dec": row["_dec"],
             "label": row["label"],
-            "file": f"images/{target.name}",
+            "file": f"images/{name}",
             "raw_label": row[fc.label_column],
             "source_file": given,
         })
@@ -106,9 +117,5 @@ def fetch_folder(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     if failures:
         log.warning("%d of %d images could not be used; listed in failures.csv. First: %s",
                     len(failures), len(catalog), failures[0]["reason"])
-    bad_fraction = len(failures) / len(catalog)
-    if bad_fraction > cfg.data.max_bad_fraction:
-        raise CatalogError(f"{len(failures)} of {len(catalog)} images ({bad_fraction:.1%}) are "
-                           f"unusable, more than data.max_bad_fraction = "
-                           f"{cfg.data.max_bad_fraction}; first: {failures[0]['reason']}")
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["objid", "ra", "dec", "label", "file", "raw_label",
+                                       "source_file"])
