@@ -68,8 +68,8 @@ def read_csv_catalog(path: Path, key: str, encoding: str = "utf-8",
             if len(row) != len(header):
                 raise CatalogError(
                     f"{path}: line {reader.line_num} has {len(row)} fields but the header has "
-                    f"{len(header)} ({', '.join(header[:8])}{', ...' if len(header) > 8 else ''})"
-                    "; quote fields that contain commas, or fix the line")
+                    f"{len(header)} {header[:8]}{' ...' if len(header) > 8 else ''}; quote "
+                    "fields that contain commas, or fix the line")
             rows.append(row)
     except csv.Error as err:
         raise CatalogError(f"{path}: line {reader.line_num} is not valid CSV ({err})") from None

@@ -657,14 +657,14 @@ def user_errors() -> Iterator[None]:
     """End the process with one line and status 2 on a problem the user can fix: a
     :class:`~pipeline.errors.PipelineError` (bad config, data or input) or a full disk.
     Anything else is a bug and keeps its traceback."""
-    from pipeline.io import DISK_FULL, free_bytes
+    from pipeline.io import free_bytes, is_disk_full
 
     try:
         yield
     except PipelineError as err:
         _report(str(err))
     except OSError as err:
-        if err.errno not in DISK_FULL:
+        if not is_disk_full(err):
             raise
         where = Path(err.filename or ".")
         _report(f"{where}: no space left on the device ({free_bytes(where.parent):,} bytes free "
@@ -724,6 +724,7 @@ def stage_main(run: Callable[[DictConfig], Any], objective: str | None = None,
 
 
 if __name__ == "__main__":
+    log = logging.getLogger("pipeline.config")  # not "__main__" in what users read
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with user_errors():
         out = write_params("params.yaml", sys.argv[1:])

@@ -38,6 +38,11 @@ DEFAULT_MAX_PIXELS = 20_000_000
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+def is_disk_full(err: OSError) -> bool:
+    """ENOSPC or a quota, or NumPy's own wording for a write that did not fit."""
+    return err.errno in DISK_FULL or "Not enough free space" in str(err)
+
+
 class ImageError(PipelineError, ValueError):
     """An image file that cannot be used; the message names the file and the problem."""
 
@@ -184,7 +189,7 @@ def atomic_path(path: Path, signature: str | None = None, key: str | None = None
         try:
             yield target
         except OSError as err:
-            if err.errno in DISK_FULL:
+            if is_disk_full(err):
                 raise DiskFullError(
                     f"{path}: the disk filled up while writing it ({err.strerror}); "
                     f"{_written_bytes(tmp):,} bytes were written before that and "

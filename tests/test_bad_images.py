@@ -77,3 +77,66 @@ def test_wrong_band_count_is_named(tmp_path):
 def test_unsupported_suffix_is_named():
     with pytest.raises(ImageError, match=r"galaxy.bmp: unsupported image type"):
         read_image(Path("galaxy.bmp"))
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_16_bit_images_keep_their_range(tmp_path, suffix):
+    """65535 is white: a 16-bit cutout is scaled by its own depth, not clipped at 255."""
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    path = tmp_path / f"deep.{suffix}"
+    Image.fromarray(ramp).save(path)
+    image, kind = read_image(path)
+    assert kind == "display"
+    np.testing.assert_allclose(image[..., 0], ramp * (255 / 65535), rtol=1e-5)
+    assert image.min() == 0 and image.max() == pytest.approx(65520 * 255 / 65535)
+    assert len(np.unique(image)) > 1000  # not the constant image clipping made
+
+
+def test_float_tiff_is_a_flux_image(tmp_path):
+    path = tmp_path / "flux.tiff"
+    Image.fromarray(np.linspace(-5, 500, 256, dtype=np.float32).reshape(16, 16)).save(path)
+    image, kind = read_image(path)
+    assert kind == "flux" and image.min() == -5 and image.max() == 500
+
+
+def test_alpha_is_blended_onto_black_and_said(tmp_path, caplog):
+    rgba = np.full((8, 8, 4), 200, dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[:2, :, 3] = 0  # two transparent rows
+    path = tmp_path / "cut.png"
+    Image.fromarray(rgba, mode="RGBA").save(path)
+    with caplog.at_level("WARNING"):
+        image, _ = read_image(path)
+    assert (image[:2] == 0).all() and (image[2:] == 200).all()
+    assert "cut.png: alpha channel: 16 of 64 pixels are (partly) transparent" in caplog.text
+    opaque = tmp_path / "opaque.png"
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, mode="RGBA").save(opaque)
+    assert (read_image(opaque)[0] == 200).all()
+
+
+def test_fits_skips_a_table_before_the_image(tmp_path):
+    path = tmp_path / "table_first.fits"
+    table = fits.BinTableHDU.from_columns([fits.Column(name="objid", format="K", array=[1, 2])])
+    cube = np.arange(3 * 8 * 8, dtype=np.float32).reshape(3, 8, 8)
+    fits.HDUList([fits.PrimaryHDU(), table, fits.ImageHDU(cube)]).writeto(path)
+    image, kind = read_image(path)
+    assert kind == "flux" and image.shape == (8, 8, 3)
+    np.testing.assert_array_equal(image[..., 1], cube[1])
+    only_table = tmp_path / "only_table.fits"
+    fits.HDUList([fits.PrimaryHDU(), table]).writeto(only_table)
+    with pytest.raises(ImageError, match=r"only_table.fits: FITS file holds no image HDU"):
+        read_image(only_table)
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((100, 300, 3), np.uint8)).save(path)
+    with pytest.raises(ImageError, match=r"big.png: 300x100 = 30,000 pixels is more than "
+                                         r"data.max_image_pixels = 20,000"):
+        read_image(path, max_pixels=20_000)
+    fits_path = tmp_path / "big.fits"
+    fits.PrimaryHDU(np.zeros((3, 100, 300), np.float32)).writeto(fits_path)
+    with pytest.raises(ImageError, match=r"big.fits: 300x100 = 30,000 pixels"):
+        read_image(fits_path, max_pixels=20_000)
+    assert read_image(path, max_pixels=30_000)[0].shape == (100, 300, 3)

@@ -111,3 +111,21 @@ def test_a_second_run_on_the_same_state_folder_is_refused(tmp_path):
         holder.stdout.close()
     with exclusive_state(state, "cnn"):  # free again once the holder is gone
         pass
+
+
+def test_a_backup_folder_holding_the_users_files_is_never_deleted(tmp_path):
+    from pipeline.io import OutputError
+    from pipeline.train import prepare_state_dir
+
+    state = tmp_path / "backup" / "cnn"
+    state.mkdir(parents=True)
+    (state / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"holds files this stage did not write"):
+        prepare_state_dir(state, "f1")
+    assert (state / "notes.txt").read_text() == "mine"
+    (state / "notes.txt").unlink()
+    assert prepare_state_dir(state, "f1") is False  # empty: taken
+    (state / "epoch.json").write_text("{}")
+    assert prepare_state_dir(state, "f1") is True  # its own state, same config: resumed
+    assert prepare_state_dir(state, "f2") is False  # its own state, other config: discarded
+    assert not (state / "epoch.json").exists()
