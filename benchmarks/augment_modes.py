@@ -47,11 +47,11 @@ def main() -> None:
             summary = train.run(cfg, "cnn")
             metrics = evaluate.run(cfg, "cnn")
             history = pd.read_csv(Path(cfg.paths.models) / "cnn" / "history.csv")
-            rows.append({"mode": mode, "train images per epoch": summary["train_images"],
+            rows.append({"mode": mode, "train images per epoch": summary.train_images,
                          "images/s": round(float(history["images_per_s"].iloc[1:].mean()), 1),
                          "s per epoch": round(float(history["epoch_time_s"].iloc[1:].mean()), 2),
-                         "test accuracy": round(metrics["accuracy"], 3),
-                         "test macro-F1": round(metrics["macro_f1"], 3)})
+                         "test accuracy": round(metrics.accuracy, 3),
+                         "test macro-F1": round(metrics.macro_f1, 3)})
     print(json.dumps(rows, indent=1))
     print(pd.DataFrame(rows).to_string(index=False))
 

@@ -48,13 +48,11 @@ def naive(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def batched(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    from omegaconf import OmegaConf
-
     from pipeline.augment import random_augment
-    from pipeline.config import AugmentConfig
-    from pipeline.prepare import normalize_flux
+    from pipeline.config import compose, validate
+    from pipeline.preprocess import normalize_flux
 
-    cfg = OmegaConf.structured(AugmentConfig)
+    cfg = validate(compose()).augment
     norm = normalize_flux(images, 3.0, 99.5)
     return np.concatenate([random_augment(norm[s:s + 512], cfg, rng)
                            for s in range(0, len(norm), 512)])

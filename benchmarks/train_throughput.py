@@ -67,7 +67,7 @@ def timed_fit(model, data, epochs: int, n: int, **kwargs) -> float:
 
 
 def throughput(n: int, size: int, epochs: int) -> None:
-    from pipeline.prepare import load_split
+    from pipeline.artifacts import load_split
     from pipeline.train import make_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +89,7 @@ def throughput(n: int, size: int, epochs: int) -> None:
 
 def one_memory_run(folder: Path, size: int) -> None:
     """Train one epoch on the split in ``folder`` (made by the parent) and report peak RSS."""
-    from pipeline.prepare import load_split
+    from pipeline.artifacts import load_split
     from pipeline.train import make_dataset
 
     split = load_split(folder, "train", stream=True)

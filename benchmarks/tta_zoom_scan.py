@@ -4,9 +4,9 @@
         --zooms 1.0 1.08 1.15 1.25 [--average]
 
 For every model folder and zoom, the validation and test images are scored over the model's
-own test-time views (`evaluate.tta` in its saved config) magnified by the zoom; the prior
-correction is re-fitted on the zoomed validation views as the train stage would, and the
-printed figures are what evaluate would report for a training with that `tta_zoom`. Choose
+own test-time views (`tta` in its inference.json) magnified by the zoom; the prior correction
+is re-fitted on the zoomed validation views as the evaluate stage does, and the printed figures
+are what evaluate reports with that `evaluate.tta_zoom`. Choose
 the zoom by the validation column; the test columns are for the record. ``--average`` also
 scores the views of all the given zooms averaged together (a multi-scale test-time view set),
 and the last column gives the test macro-F1 at every alpha of the grid, to show what the
@@ -16,22 +16,18 @@ validation fit of alpha chose from.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 
-from pipeline.evaluate import classification_metrics, load_model
+from pipeline.artifacts import PreparedMeta, TrainedModel, load_split
 from pipeline.inference import (
     PRIOR_CORRECTION_GRID,
     apply_class_factors,
     fit_prior_correction,
     predict_proba,
 )
-from pipeline.labels import LabelScheme
-from pipeline.prepare import META_NAME, load_split
-from pipeline.train import class_balance_weights
+from pipeline.metrics import classification_metrics
 
 
 def main() -> None:
@@ -42,10 +38,8 @@ def main() -> None:
     parser.add_argument("--average", action="store_true",
                         help="also score the views of all zooms averaged together")
     args = parser.parse_args()
-    meta = json.loads((args.prepared / META_NAME).read_text())
-    scheme = LabelScheme.from_names(meta["classes"])
+    scheme = PreparedMeta.load(args.prepared).scheme
     val, test = load_split(args.prepared, "val"), load_split(args.prepared, "test")
-    train_labels = load_split(args.prepared, "train", stream=True)["labels"]
     first = scheme.classes[0]
     width = max(len(str(f)) for f in args.models)
 
@@ -53,12 +47,11 @@ def main() -> None:
           f"{'test macro-F1':>13s} {f'AUC {first} vs rest':>22s}  test macro-F1 by alpha "
           f"{' / '.join(str(a) for a in PRIOR_CORRECTION_GRID)}")
     for folder in args.models:
-        model = load_model(folder)
-        trained = OmegaConf.load(folder / "config.yaml")
-        tta = OmegaConf.select(trained, "evaluate.tta", default="none")
+        trained = TrainedModel.load(folder)
+        model, tta = trained.model, trained.inference.tta
         # The inverse-frequency weights the correction undoes, as the train stage computed them.
-        weights = class_balance_weights(
-            OmegaConf.select(trained, "train.class_weight", default="balanced"), train_labels)
+        balance = trained.summary.class_balance_weights
+        weights = None if balance is None else dict(enumerate(balance))
         by_zoom = {zoom: {name: predict_proba(model, split["images"].astype(np.float32), tta,
                                               zoom=zoom)
                           for name, split in (("val", val), ("test", test))}

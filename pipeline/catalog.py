@@ -1,9 +1,10 @@
 """Catalogs: reading users' CSVs with errors that name the line, and one galaxy, one row.
 
-Every source writes ``catalog.csv`` into ``paths.raw`` with at least :data:`CATALOG_COLUMNS`
-(``file`` relative to the raw folder). Users' catalogs (the folder source, predict) are read by
-:func:`read_csv_catalog`, which turns an empty file, a wrong encoding or a ragged row into one
-line naming the file, the line and what would work, instead of a parser traceback.
+Every source writes ``catalog.csv`` into ``paths.raw`` with at least
+:data:`pipeline.artifacts.CATALOG_COLUMNS` (``file`` relative to the raw folder). Users'
+catalogs (the folder source, predict) are read by :func:`read_csv_catalog`, which turns an
+empty file, a wrong encoding or a ragged row into one line naming the file, the line and what
+would work, instead of a parser traceback.
 
 The same galaxy twice (a repeated row, or two rows whose images are the same bytes) would land
 on both sides of the train/test split and inflate every test metric, so
@@ -26,9 +27,6 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-CATALOG_COLUMNS = ("objid", "ra", "dec", "label", "file")
-CATALOG_NAME = "catalog.csv"
-DUPLICATES_NAME = "duplicates.csv"
 
 
 class CatalogError(PipelineError, ValueError):

@@ -14,39 +14,26 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from pipeline.catalog import (
+from pipeline.artifacts import (
     CATALOG_COLUMNS,
     CATALOG_NAME,
     DUPLICATES_NAME,
-    CatalogError,
-    check_class_counts,
-    drop_duplicate_galaxies,
+    FAILURES_NAME,
+    FETCH_SUMMARY_NAME,
 )
+from pipeline.catalog import CatalogError, check_class_counts, drop_duplicate_galaxies
 from pipeline.config import stage_main
 from pipeline.io import atomic_path, atomic_write_json, refuse_overlap
 from pipeline.sources import get_source
 
 log = logging.getLogger(__name__)
 
-SUMMARY_NAME = "fetch_summary.json"
-FAILURES_NAME = "failures.csv"
 
 
 def kept_failures_path(raw: Path) -> Path:
     """Where the list of failed galaxies goes when a fetch fails: beside ``paths.raw``, which
     is left as it was."""
-    return raw.with_name(f"{raw.name}-failures.csv")
-
-
-def user_inputs(cfg: DictConfig) -> dict[str, str]:
-    """What the source reads from the user's disk, by config key."""
-    d = cfg.data
-    if d.source == "folder":
-        return {"data.folder.catalog": d.folder.catalog, "data.folder.image_root":
-                d.folder.image_root}
-    if d.source == "sdss":
-        return {"data.sdss.cache_dir": d.sdss.cache_dir}
-    return {}
+    return raw.with_name(f"{raw.name}-{FAILURES_NAME}")
 
 
 def check_failures(failures: pd.DataFrame, n_kept: int, cfg: DictConfig, raw: Path) -> None:
@@ -65,12 +52,12 @@ def check_failures(failures: pd.DataFrame, n_kept: int, cfg: DictConfig, raw: Pa
 def run(cfg: DictConfig) -> pd.DataFrame:
     """Fetch into a temporary folder and move it onto ``paths.raw`` only when complete."""
     raw = Path(cfg.paths.raw)
-    refuse_overlap({"paths.raw": raw}, user_inputs(cfg))
     source = get_source(cfg.data.source)
+    refuse_overlap({"paths.raw": raw}, source.inputs(cfg.data))
     split = cfg.prepare.split
-    with atomic_path(raw, signature=SUMMARY_NAME, key="paths.raw") as tmp:
+    with atomic_path(raw, signature=FETCH_SUMMARY_NAME, key="paths.raw") as tmp:
         tmp.mkdir(parents=True)
-        catalog = source(cfg, tmp)
+        catalog = source.fetch(cfg, tmp)
         missing = [c for c in CATALOG_COLUMNS if c not in catalog.columns]
         if missing:
             raise ValueError(f"source {cfg.data.source!r} returned a catalog without {missing}")
@@ -87,7 +74,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
                            f"; {raw} was left as it was")
         catalog.to_csv(tmp / CATALOG_NAME, index=False)
         counts = catalog["label"].value_counts().reindex(list(cfg.data.classes), fill_value=0)
-        atomic_write_json(tmp / SUMMARY_NAME, {
+        atomic_write_json(tmp / FETCH_SUMMARY_NAME, {
             "source": cfg.data.source,
             "n_galaxies": len(catalog),
             "per_class": {k: int(v) for k, v in counts.items()},

@@ -84,11 +84,12 @@ def refuse_overlap(outputs: Mapping[str, Path | str], inputs: Mapping[str, Path 
                     "replaced whole) or move the input out of it")
 
 
-def check_replaceable(path: Path, key: str, signature: str | None) -> None:
+def check_replaceable(path: Path, key: str, signature: str | tuple[str, ...] | None) -> None:
     """Refuse to replace a folder or file that the pipeline did not write.
 
-    ``signature`` names a file every earlier output of this stage holds (its summary or
-    metadata); ``None`` means the output is a single file. An empty folder is fine.
+    ``signature`` names a file (or files, any one will do) that every earlier output of this
+    stage holds: its summary or metadata. ``None`` means the output is a single file. An empty
+    folder is fine.
     """
     path = Path(path)
     if not path.exists() and not path.is_symlink():
@@ -101,10 +102,11 @@ def check_replaceable(path: Path, key: str, signature: str | None) -> None:
     if not path.is_dir():
         raise OutputError(f"{key} = {str(path)!r} is a file, not a folder this stage wrote; "
                           f"refusing to replace it: point {key} at a new folder")
-    if any(path.iterdir()) and not (path / signature).is_file():
+    names = (signature,) if isinstance(signature, str) else signature
+    if any(path.iterdir()) and not any((path / n).is_file() for n in names):
         raise OutputError(f"{key} = {str(path)!r} is a folder the pipeline did not write (it "
-                          f"has no {signature}); refusing to replace it and delete what it "
-                          f"holds: point {key} at a new or empty folder")
+                          f"has no {' or '.join(names)}); refusing to replace it and delete "
+                          f"what it holds: point {key} at a new or empty folder")
 
 
 def free_bytes(path: Path) -> int:
@@ -166,8 +168,8 @@ def _recover_interrupted_swap(path: Path, prefix: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path, signature: str | None = None, key: str | None = None
-                ) -> Iterator[Path]:
+def atomic_path(path: Path, signature: str | tuple[str, ...] | None = None,
+                key: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it onto ``path`` only on success.
 
     Works for files and whole directories. An existing ``path`` is replaced only after the new

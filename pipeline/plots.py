@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from pipeline.metrics import CalibrationBins
+
 
 def learning_curves(history: pd.DataFrame, best_epoch: int, path: Path, title: str) -> None:
     """Train and validation loss and accuracy per epoch, best epoch and phase changes marked."""
@@ -61,32 +63,13 @@ def roc_curves(y_true: np.ndarray, proba: np.ndarray, classes: list[str], path: 
     plt.close(fig)
 
 
-def reliability_diagram(y_true: np.ndarray, proba: np.ndarray, path: Path, title: str,
-                        bins: int = 10) -> float:
-    """Accuracy against confidence of the winning class in equal-width bins; returns the ECE.
-
-    ECE (expected calibration error, Guo et al. 2017) is the bin-size-weighted mean gap between
-    accuracy and confidence.
-    """
-    confidence = proba.max(axis=1)
-    correct = proba.argmax(axis=1) == y_true
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    ece, acc, conf, counts = 0.0, [], [], []
-    for b in range(bins):
-        in_bin = which == b
-        n = int(in_bin.sum())
-        counts.append(n)
-        if n:
-            acc.append(correct[in_bin].mean())
-            conf.append(confidence[in_bin].mean())
-            ece += n / len(y_true) * abs(acc[-1] - conf[-1])
-        else:
-            acc.append(np.nan)
-            conf.append(np.nan)
+def reliability_diagram(bins: CalibrationBins, path: Path, title: str) -> None:
+    """Accuracy against confidence of the winning class, per bin (:mod:`pipeline.metrics`)."""
+    edges, acc, ece = bins.edges, bins.accuracy, bins.ece
+    n_bins = len(acc)
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     centres = (edges[:-1] + edges[1:]) / 2
-    ax.bar(centres, np.nan_to_num(acc), width=1 / bins, edgecolor="k", alpha=0.7,
+    ax.bar(centres, np.nan_to_num(acc), width=1 / n_bins, edgecolor="k", alpha=0.7,
            label="accuracy in bin")
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfect calibration")
     ax.set_xlabel("confidence (max probability)")
@@ -98,7 +81,6 @@ def reliability_diagram(y_true: np.ndarray, proba: np.ndarray, path: Path, title
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return float(ece)
 
 
 def pr_curves(y_true: np.ndarray, proba: np.ndarray, classes: list[str], path: Path,

@@ -3,12 +3,12 @@
     python -m pipeline.predict model_dir=models/transfer input=cat.csv image_column=filename \\
         output=preds.csv
 
-The preprocessing (centre crop, resize, normalisation) comes from the model's own saved
-``config.yaml``. Each row of the output has the image path as given, the predicted class, one
+The model folder is the whole bundle (:class:`pipeline.artifacts.TrainedModel`): the
+preprocessing (centre crop, resize, normalisation) comes from its saved ``config.yaml``, and the
+test-time views and prior correction from its ``inference.json``, so the probabilities are those
+evaluate scored. Each row of the output has the image path as given, the predicted class, one
 probability per class, the predictive entropy, and, with Monte Carlo dropout, the spread of the
-winning class's probability over dropout masks (Gal & Ghahramani 2016). Probabilities are
-averaged over the same test-time views as evaluate used (the model's ``evaluate.tta`` and
-``evaluate.tta_zoom``).
+winning class's probability over dropout masks (Gal & Ghahramani 2016).
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from pipeline.artifacts import INFERENCE_NAME, TrainedModel, load_trained_config
 from pipeline.catalog import read_csv_catalog
 from pipeline.config import stage_main, validate_predict
 from pipeline.errors import PipelineError
-from pipeline.inference import TTA_MODES, mc_dropout_probabilities, predict_proba
+from pipeline.inference import TTA_MODES
 from pipeline.io import (
     DEFAULT_MAX_PIXELS,
     DISPLAY_SUFFIXES,
@@ -32,8 +33,8 @@ from pipeline.io import (
     atomic_path,
     check_replaceable,
     is_within,
-    read_json,
 )
+from pipeline.preprocess import load_images
 
 log = logging.getLogger(__name__)
 
@@ -79,79 +80,43 @@ def check_output(output: Path, input_path: Path, model_dir: Path, images: list[P
                           "predictions somewhere else")
 
 
-def tta_mode(cfg: DictConfig, trained: DictConfig) -> str:
-    """``tta`` from the command line, else what the model was evaluated with."""
-    tta = cfg.get("tta")
-    return str(tta if tta is not None else OmegaConf.select(trained, "evaluate.tta",
-                                                             default="none"))
-
-
-def tta_zoom(cfg: DictConfig, trained: DictConfig) -> float:
-    """``tta_zoom`` from the command line, else the model's own (1.0 for older models)."""
-    zoom = cfg.get("tta_zoom")
-    return float(zoom if zoom is not None else OmegaConf.select(trained, "evaluate.tta_zoom",
-                                                                 default=1.0))
-
-
-def trained_class_factors(model_dir: Path) -> list[float] | None:
-    """The prior correction the train stage fitted on validation (None for older models)."""
-    from pipeline.train import SUMMARY_NAME
-
-    summary = model_dir / SUMMARY_NAME
-    if not summary.is_file():
-        return None
-    return (read_json(summary, "train").get("decision") or {}).get("class_factors")
-
-
-def load_trained_config(model_dir: Path) -> DictConfig:
-    saved = model_dir / "config.yaml"
-    if not saved.is_file():
-        raise PredictError(f"model_dir = {str(model_dir)!r}: no config.yaml; point it at a "
-                           "folder written by the train stage")
-    try:
-        trained = OmegaConf.load(saved)
-        OmegaConf.to_container(trained.data.classes)
-    except Exception as err:  # any YAML or structure problem: not a config the train stage wrote
-        raise PredictError(f"{saved}: not a config the train stage wrote ({type(err).__name__}: "
-                           f"{str(err).strip().splitlines()[0][:160]})") from None
-    return trained
-
-
 def run(cfg: DictConfig) -> pd.DataFrame:
-    from pipeline.evaluate import load_model
-    from pipeline.prepare import load_images
-
     cfg = validate_predict(cfg)
     model_dir = Path(cfg.model_dir)
-    trained = load_trained_config(model_dir)
-    classes = list(OmegaConf.to_container(trained.data.classes))
+    load_trained_config(model_dir)  # a wrong model_dir fails before any image is listed
     input_path, out = Path(str(cfg.input)), Path(str(cfg.output))
     given, paths = list_inputs(input_path, cfg.image_column, cfg.encoding)  # fail fast
     check_output(out, input_path, model_dir, paths)
-    tta, zoom = tta_mode(cfg, trained), tta_zoom(cfg, trained)
-    max_pixels = int(cfg.max_image_pixels or OmegaConf.select(
-        trained, "data.max_image_pixels", default=DEFAULT_MAX_PIXELS))
-    model = load_model(model_dir)
-    images, kept, skipped = load_images(paths, trained.prepare, given, max_pixels=max_pixels)
+    trained = TrainedModel.load(model_dir)
+    inference = trained.inference
+    tta = cfg.tta or inference.tta
+    zoom = float(cfg.tta_zoom if cfg.tta_zoom is not None else inference.tta_zoom)
+    if (tta, zoom) != (inference.tta, inference.tta_zoom) and \
+            inference.prior_correction.class_factors is not None:
+        log.warning("views %s at %gx differ from the %s at %gx that the prior correction was "
+                    "fitted with on validation (%s); it is applied as fitted", tta, zoom,
+                    inference.tta, inference.tta_zoom, INFERENCE_NAME)
+    max_pixels = int(cfg.max_image_pixels or trained.max_image_pixels or DEFAULT_MAX_PIXELS)
+    images, kept, skipped = load_images(paths, trained.preprocessing, given,
+                                        max_pixels=max_pixels)
     for s in skipped:
         log.warning("skipped %s", s["reason"])
     if not kept.any():
         raise PredictError(f"input = {str(cfg.input)!r}: none of the {len(paths)} images could "
                            f"be read; first: {skipped[0]['reason']}")
     x = images[kept]
-    factors = trained_class_factors(model_dir)
-    log.info("test-time views: %s (%d per image, magnified %gx); prior correction factors %s",
-             tta, TTA_MODES[tta], zoom, factors)
+    log.info("test-time views: %s (%d per image, magnified %gx); prior correction alpha %g",
+             tta, TTA_MODES[tta], zoom, inference.prior_correction.alpha)
     if cfg.mc_dropout_samples > 0:
-        draws = mc_dropout_probabilities(model, x, int(cfg.mc_dropout_samples),
-                                         int(cfg.batch_size), int(cfg.seed), tta, factors,
-                                         zoom=zoom)
+        draws = trained.mc_dropout(x, int(cfg.mc_dropout_samples), int(cfg.batch_size),
+                                   int(cfg.seed), tta, zoom)
         proba = draws.mean(axis=0)
         winner = proba.argmax(axis=1)
         spread = draws[:, np.arange(len(x)), winner].std(axis=0)
     else:
-        proba = predict_proba(model, x, tta, int(cfg.batch_size), factors, zoom=zoom)
+        proba = trained.predict_proba(x, int(cfg.batch_size), tta, zoom)
         spread = np.full(len(x), np.nan)
+    classes = list(trained.scheme.classes)
     entropy = -(proba * np.log(np.clip(proba, 1e-12, 1))).sum(axis=1)
     result = pd.DataFrame({"image": np.array(given)[kept],
                            "predicted": np.array(classes)[proba.argmax(axis=1)]})

@@ -7,6 +7,7 @@ figures embedded, plus a JSON file with the same fields for machines.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -17,73 +18,40 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from omegaconf import DictConfig
 
-from pipeline.config import model_train_config, stage_main
+from pipeline.artifacts import (
+    AUGMENTATIONS_NAME,
+    COMPARISON_NAME,
+    FIGURES,
+    HISTORY_NAME,
+    MODEL_NAME,
+    PREDICTIONS_NAME,
+    Layout,
+    Metrics,
+    PreparedMeta,
+    TrainSummary,
+)
+from pipeline.config import model_train_config, schedule_description, stage_main
 from pipeline.errors import MissingInputError
-from pipeline.io import atomic_path, atomic_write_json, read_json, require_file
-from pipeline.labels import LabelScheme
-from pipeline.prepare import META_NAME
-from pipeline.train import MODEL_NAME, SUMMARY_NAME, schedule_description
+from pipeline.io import atomic_path, atomic_write_json, require_file
+from pipeline.metrics import BOOTSTRAP_N, bootstrap_intervals
+from pipeline.models import registry as model_kinds
+from pipeline.sources import get_source
 
 log = logging.getLogger(__name__)
 
 METRIC_ROWS = [("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
                ("macro_f1", "macro-F1"), ("roc_auc_ovr", "ROC AUC (one-vs-rest, macro)"),
                ("log_loss", "log loss")]
-BOOTSTRAP_N = 1000
-FIGURES = ("learning_curves", "confusion_matrix", "roc", "pr", "reliability", "examples",
-           "kernels", "saliency")
 PACKAGES = ("tensorflow", "keras", "numpy", "astropy", "scikit-learn", "hydra-core", "dvc")
-LABEL_CREDITS = {"gz1": "Galaxy Zoo 1 (Lintott et al. 2008, 2011)",
-                 "gz2": "Galaxy Zoo 2 (Willett et al. 2013)"}
 
 
 def source_description(data: DictConfig) -> str:
     """Where the galaxies and labels came from, with the credit their providers ask for."""
-    if data.source == "mock":
-        return ("simulated SDSS-like gri galaxies rendered by the pipeline from Sersic profiles, "
-                "with PSF, sky and Poisson noise")
-    if data.source == "sdss":
-        sd = data.sdss
-        return (f"SDSS DR{sd.data_release} {sd.image_type} cutouts fetched with astroquery, "
-                f"labels from {LABEL_CREDITS.get(sd.catalog, sd.catalog)} at vote fraction >= "
-                f"{sd.vote_threshold}; imaging credit: the Sloan Digital Sky Survey")
-    text = f"labelled image folder, catalog `{data.folder.catalog}`"
-    return text + (f"; credit: {data.folder.credit}" if data.folder.credit else "")
-
-
-def bootstrap_intervals(predictions: pd.DataFrame, classes: list[str], n: int = BOOTSTRAP_N,
-                        seed: int = 0) -> dict[str, list[float]]:
-    """95% percentile-bootstrap intervals of accuracy, balanced accuracy and macro-F1.
-
-    Computed from one confusion matrix per resample (a bincount) rather than by calling
-    scikit-learn's scorers n times: a thousand resamples take milliseconds, and resamples of
-    a small test set that miss a class follow sklearn's conventions (balanced accuracy averages
-    the classes present; F1 of an empty class is 0) without a warning per resample.
-    """
-    scheme = LabelScheme.from_names(classes)
-    k = scheme.n_classes
-    y, p = scheme.encode(predictions["actual"]), scheme.encode(predictions["predicted"])
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y), size=(n, len(y)))
-    cells = (y[idx] * k + p[idx]) + (np.arange(n) * k * k)[:, None]
-    cm = np.bincount(cells.ravel(), minlength=n * k * k).reshape(n, k, k).astype(float)
-    tp = np.diagonal(cm, axis1=1, axis2=2)
-    actual, predicted = cm.sum(axis=2), cm.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = np.where(actual > 0, tp / actual, np.nan)
-        f1 = np.where(actual + predicted > 0, 2 * tp / (actual + predicted), 0.0)
-    scores = {
-        "accuracy": tp.sum(axis=1) / len(y),
-        "balanced_accuracy": np.nanmean(recall, axis=1),
-        "macro_f1": f1.mean(axis=1),
-    }
-    return {name: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-            for name, v in scores.items()}
+    return get_source(data.source).describe(data)
 
 
 def diagnose_overfitting(history: pd.DataFrame, best_epoch: int) -> str:
@@ -146,60 +114,40 @@ def _relative(target: Path, start: Path) -> str:
     return Path(os.path.relpath(target, start)).as_posix()
 
 
-def model_input(cfg: DictConfig, mc: DictConfig) -> str:
-    """The image size the network sees: the prepared size, or the size it resizes to itself."""
-    if mc.input_size:
-        return f"images resized to {mc.input_size}x{mc.input_size} px inside the model"
-    return f"{cfg.prepare.image_size}x{cfg.prepare.image_size} px input"
-
-
-def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> dict:
+def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: PreparedMeta) -> dict:
     mc = cfg.models[name]
-    reports = Path(cfg.paths.reports) / name
-    model_dir = Path(cfg.paths.models) / name
-    metrics = read_json(reports / "metrics.json", "evaluate")
-    summary = read_json(model_dir / SUMMARY_NAME, "train")
-    history = pd.read_csv(require_file(model_dir / "history.csv", "train"))
-    predictions = pd.read_csv(require_file(reports / "predictions.csv", "evaluate"),
+    layout = Layout.from_config(cfg)
+    reports, model_dir = layout.report_dir(name), layout.model_dir(name)
+    metrics = Metrics.load(reports).to_dict()  # the template reads it as a mapping
+    summary = TrainSummary.load(model_dir)
+    history = pd.read_csv(require_file(model_dir / HISTORY_NAME, "train"))
+    predictions = pd.read_csv(require_file(reports / PREDICTIONS_NAME, "evaluate"),
                               dtype={"objid": str})
     trained_with = model_train_config(cfg, name)
-    if mc.kind == "cnn":
-        architecture = (f"{model_input(cfg, mc)}, "
-                        f"{len(mc.filters)} conv blocks (filters {list(mc.filters)}, kernel "
-                        f"{mc.kernel_size}, padding '{mc.padding}', {mc.activation}"
-                        f"{', batch norm' if mc.batch_norm else ''}, max-pool {mc.pool_size}), "
-                        f"global average pooling, dropout {mc.dropout}, dense {mc.dense_units}, "
-                        f"softmax; L2 {mc.l2}.")
-        kind_label = "CNN trained from scratch"
-    else:
-        architecture = (f"{mc.backbone} (alpha {mc.alpha}) backbone, {model_input(cfg, mc)}, "
-                        f"global average pooling, dropout {mc.dropout}, dense "
-                        f"{mc.dense_units}, softmax; L2 {mc.l2} on the head.")
-        kind_label = "transfer-learned CNN" if summary["pretrained"] else (
-            "CNN on a randomly initialised backbone, NOT pretrained")
+    kind_label, architecture = model_kinds()[mc.kind].describe(cfg, mc, summary.pretrained)
     caveats = []
     if cfg.data.source == "mock":
         caveats.append("Trained and tested on simulated galaxies: real SDSS images have "
                        "artefacts, blends, irregulars and label noise that the mock lacks.")
-    if summary["pretrained"] is False:
+    if summary.pretrained is False:
         caveats.append("The backbone is not pretrained (no ImageNet weights could be loaded).")
     if metrics["n_test"] < 500:
         caveats.append(f"The test split is small ({metrics['n_test']} galaxies): the 95% "
                        "intervals above show how uncertain each figure is.")
-    figures = {k: _relative(reports / "figures" / f"{k}.png", cards)
-               for k in FIGURES if (reports / "figures" / f"{k}.png").is_file()}
+    figures = {k: _relative(layout.figures(name) / f"{k}.png", cards)
+               for k in FIGURES if (layout.figures(name) / f"{k}.png").is_file()}
     return {
         "name": name,
         "kind": mc.kind,
         "kind_label": kind_label,
         "architecture": architecture,
-        "parameters": summary["parameters"],
-        "input_shape": summary["input_shape"],
+        "parameters": summary.parameters,
+        "input_shape": summary.input_shape,
         "backbone": mc.backbone if mc.kind == "transfer" else None,
-        "weights": summary["weights"],
-        "pretrained": summary["pretrained"],
-        "phases": summary["phases"],
-        "train_images": summary["train_images"],
+        "weights": summary.weights,
+        "pretrained": summary.pretrained,
+        "phases": [dataclasses.asdict(p) for p in summary.phases],
+        "train_images": summary.train_images,
         "class_balance": CLASS_BALANCE_WORDS[trained_with.class_weight],
         "patience": trained_with.early_stopping_patience,
         "schedule": schedule_description(trained_with),
@@ -207,14 +155,14 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: dict) -> d
         "ema_momentum": trained_with.ema_momentum,
         "model_path": (model_dir / MODEL_NAME).as_posix(),
         "metrics": metrics,
-        "ci": bootstrap_intervals(predictions, data_meta["classes"]),
+        "ci": bootstrap_intervals(predictions, data_meta.classes),
         "overfitting": diagnose_overfitting(history, metrics["best_epoch"]),
         "caveats": caveats,
         "figures": figures,
     }
 
 
-def data_context(cfg: DictConfig, data_meta: dict) -> dict:
+def data_context(cfg: DictConfig, data_meta: PreparedMeta) -> dict:
     a = cfg.augment
     transforms = (f"rotation ±{a.rotation_degrees}°, zoom ±{a.zoom:.0%}, random crop to "
                   f"≥{a.crop_fraction:.0%} of the side, {'flips, ' if a.flip else ''}Gaussian "
@@ -229,7 +177,7 @@ def data_context(cfg: DictConfig, data_meta: dict) -> dict:
     return {
         "source": cfg.data.source,
         "source_description": source_description(cfg.data),
-        "splits": data_meta["splits"],
+        "splits": {k: dataclasses.asdict(v) for k, v in data_meta.splits.items()},
         "split_seed": int(s.seed),
         "split_fractions": f"{s.train:.0%} / {s.val:.0%} / {s.test:.0%}",
         "augment_description": augment,
@@ -304,26 +252,25 @@ def card_as_json(m: dict, common: dict) -> dict:
 
 
 def run(cfg: DictConfig) -> list[Path]:
-    reports = Path(cfg.paths.reports)
     prepared = Path(cfg.paths.prepared)
-    data_meta = read_json(prepared / META_NAME, "prepare")
-    cards = reports / "cards"
+    data_meta = PreparedMeta.load(prepared)
+    cards = Layout.from_config(cfg).cards
     env = Environment(loader=PackageLoader("pipeline", "templates"), undefined=StrictUndefined,
                       autoescape=False, trim_blocks=False)
     common = {
         "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "env": environment(cfg),
-        "classes": data_meta["classes"],
+        "classes": data_meta.classes,
         "metric_rows": METRIC_ROWS,
         "bootstrap_n": BOOTSTRAP_N,
         "data": data_context(cfg, data_meta),
     }
     written = []
-    with atomic_path(cards, signature="comparison.md", key="paths.reports") as tmp:
+    with atomic_path(cards, signature=COMPARISON_NAME, key="paths.reports") as tmp:
         tmp.mkdir(parents=True)
         # Relative links are computed against the final folder, which tmp becomes.
         contexts = [model_context(cfg, name, cards, data_meta) for name in cfg.models]
-        grid = _relative(prepared / "augmentations.png", cards)
+        grid = _relative(prepared / AUGMENTATIONS_NAME, cards)
         for m in contexts:
             text = env.get_template("model_card.md.j2").render(
                 m=m, figures={**m["figures"], "augmentations": grid}, **common)
@@ -333,10 +280,10 @@ def run(cfg: DictConfig) -> list[Path]:
             atomic_write_json(tmp / f"{m['name']}.json", card_as_json(m, common))
             written += [cards / f"{m['name']}.{ext}" for ext in ("md", "html", "json")]
         text = env.get_template("comparison.md.j2").render(models=contexts, **common)
-        (tmp / "comparison.md").write_text(text, encoding="utf-8")
+        (tmp / COMPARISON_NAME).write_text(text, encoding="utf-8")
         (tmp / "comparison.html").write_text(
             _markdown_to_html(text, "Model comparison", cards, env), encoding="utf-8")
-        written += [cards / "comparison.md", cards / "comparison.html"]
+        written += [cards / COMPARISON_NAME, cards / "comparison.html"]
     log.info("wrote %d model-card files to %s", len(written), cards)
     return written
 

@@ -9,7 +9,6 @@ config land in ``<sweep dir>/<job number>/models/<name>/``. When the sweep ends,
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import pandas as pd
 import yaml
 from omegaconf import DictConfig, open_dict
+
+from pipeline.artifacts import HISTORY_NAME, SUMMARY_NAME, TrainSummary
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +45,23 @@ def redirect_outputs_in_multirun(cfg: DictConfig) -> DictConfig:
 def collect(sweep_dir: Path) -> pd.DataFrame:
     """One row per finished run: its overrides and its training summary."""
     rows = []
-    for summary_path in sorted(sweep_dir.glob("*/models/*/train_summary.json")):
+    for summary_path in sorted(sweep_dir.glob(f"*/models/*/{SUMMARY_NAME}")):
         job_dir = summary_path.parents[2]
-        summary = json.loads(summary_path.read_text())
+        summary = TrainSummary.load(summary_path.parent)
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        history = pd.read_csv(summary_path.parent / "history.csv")
-        best = history.loc[history["epoch"] == summary["best_epoch"]].iloc[0]
+        history = pd.read_csv(summary_path.parent / HISTORY_NAME)
+        best = history.loc[history["epoch"] == summary.best_epoch].iloc[0]
         rows.append({
             "job": job_dir.name,
             "overrides": " ".join(overrides),
-            "model": summary["model"],
-            "best_val_loss": summary["best_val_loss"],
+            "model": summary.model,
+            "best_val_loss": summary.best_val_loss,
             "best_val_accuracy": float(best["val_accuracy"]),
-            "best_epoch": summary["best_epoch"],
-            "epochs": summary["epochs"],
-            "wall_time_s": summary["wall_time_s"],
-            "pretrained": summary["pretrained"],
+            "best_epoch": summary.best_epoch,
+            "epochs": summary.epochs,
+            "wall_time_s": summary.wall_time_s,
+            "pretrained": summary.pretrained,
         })
     return pd.DataFrame(rows)
 

@@ -17,31 +17,32 @@ import logging
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import model_train_config, stage_main
-from pipeline.errors import PipelineError
-from pipeline.inference import PRIOR_CORRECTION_GRID, fit_prior_correction, predict_proba
-from pipeline.io import (
-    OutputError,
-    atomic_path,
-    atomic_write_json,
-    check_replaceable,
-    read_json,
-    refuse_overlap,
+from pipeline.artifacts import (
+    HISTORY_NAME,
+    INFERENCE_NAME,
+    MODEL_NAME,
+    SUMMARY_NAME,
+    Layout,
+    PhaseRecord,
+    PreparedMeta,
+    TrainSummary,
+    load_split,
+    save_config,
 )
-from pipeline.labels import LabelScheme
-from pipeline.models import BuiltModel, backbone_weights, build_model, set_trainable_from
-from pipeline.prepare import META_NAME, load_split
+from pipeline.config import model_train_config, schedule_description, stage_main
+from pipeline.errors import PipelineError
+from pipeline.io import OutputError, atomic_path, check_replaceable, refuse_overlap
+from pipeline.models import BuiltModel, build_model, set_trainable_from
+from pipeline.models.transfer import backbone_weights
 
 log = logging.getLogger(__name__)
-
-HISTORY_NAME = "history.csv"
-MODEL_NAME = "model.keras"
-SUMMARY_NAME = "train_summary.json"
 
 
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int,
@@ -223,15 +224,6 @@ def class_balance_weights(mode: str, labels: np.ndarray) -> dict[int, float] | N
     return {int(c): float(w) for c, w in zip(present, weights, strict=True)}
 
 
-def schedule_description(t: DictConfig) -> str:
-    """``train.lr_schedule`` in words, for the training log and the model card."""
-    if t.lr_schedule == "plateau":
-        return (f"learning rate cut by {t.reduce_lr_factor} after {t.reduce_lr_patience} "
-                "epochs without improvement")
-    return (f"{t.warmup_epochs} warm-up epochs, then a cosine decay of the learning rate to "
-            "zero over each phase")
-
-
 def phase_learning_rate(peak: float, epochs: int, steps_per_epoch: int, t: DictConfig):
     """The optimizer's learning rate for one phase: ``peak`` held and cut on plateaus
     (``train.lr_schedule=plateau``, with ReduceLROnPlateau), or a cosine decay from ``peak``
@@ -362,30 +354,38 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
     return records
 
 
-def run(cfg: DictConfig, name: str | None = None) -> dict:
-    """Train ``models[name]`` (default: ``cfg.model``) on the prepared data."""
-    from pipeline.sweep import redirect_outputs_in_multirun
-
-    cfg = redirect_outputs_in_multirun(cfg)
-    name = name or cfg.model
-    # What this model trains with (its models.<name>.train over train), and what config.yaml keeps.
-    cfg = OmegaConf.merge(cfg, {"train": model_train_config(cfg, name)})
+def check_before_work(cfg: DictConfig, name: str) -> PreparedMeta:
+    """Everything that can be checked before TensorFlow loads (seconds) and the data."""
+    layout = Layout.from_config(cfg)
     mc = cfg.models[name]
-    t = cfg.train
-    prepared = Path(cfg.paths.prepared)
-    out, state = Path(cfg.paths.models) / name, Path(cfg.paths.backup) / name
-    # Everything that can be checked is checked before TensorFlow loads (seconds) and the data.
-    meta = read_json(prepared / META_NAME, "prepare")
-    check_replaceable(out, "paths.models", SUMMARY_NAME)
+    meta = PreparedMeta.load(layout.prepared)
+    # An earlier model folder holds train_summary.json, or only inference.json when DVC has
+    # removed this stage's outputs before running it.
+    check_replaceable(layout.model_dir(name), "paths.models", (SUMMARY_NAME, INFERENCE_NAME))
     weights = backbone_weights(mc, name) if mc.kind == "transfer" else None
     if weights not in (None, "imagenet"):
-        refuse_overlap({"paths.models": out, "paths.backup": state},
+        refuse_overlap({"paths.models": layout.model_dir(name),
+                        "paths.backup": layout.backup / name},
                        {f"models.{name}.weights": weights})
+    return meta
 
+
+@dataclass
+class Fitted:
+    """What :func:`fit` hands :func:`save`."""
+
+    built: BuiltModel
+    history: pd.DataFrame
+    summary: TrainSummary
+
+
+def fit(cfg: DictConfig, name: str, meta: PreparedMeta, state: Path) -> Fitted:
+    """Build and train the model through its phases; the state folder makes it resumable."""
     import keras
-    import pandas as pd
 
-    scheme = LabelScheme.from_names(meta["classes"])
+    mc, t = cfg.models[name], cfg.train
+    prepared = Path(cfg.paths.prepared)
+    scheme = meta.scheme
     keras.utils.set_random_seed(int(t.seed))
     if t.deterministic:
         import tensorflow as tf
@@ -407,67 +407,81 @@ def run(cfg: DictConfig, name: str | None = None) -> dict:
         built = build_model(mc, input_shape, scheme.n_classes, t, name=name)
     log.info("training %s (%s, %d parameters) on %d images, validating on %d", name, mc.kind,
              built.model.count_params(), len(train["labels"]), len(val["labels"]))
+    resumed = prepare_state_dir(state, config_fingerprint(cfg, name))
+    if resumed:
+        log.info("resuming %s from the state left in %s", name, state)
+    started = time.perf_counter()
+    with strategy.scope():
+        records = fit_phases(built, data, cfg, state, class_weight)
+    wall = time.perf_counter() - started
+    keras.mixed_precision.set_global_policy("float32")  # leave the process as we found it
+
+    history = pd.read_csv(state / HISTORY_NAME)
+    history["epoch"] = history["epoch"] + 1  # 1-based, as Keras prints them
+    history["phase"] = [built.phases[int(p) - 1].name for p in history["phase"]]
+    best = best_epoch_row(history, records, int(t.min_epochs))
+    transfer = mc.kind == "transfer"
+    summary = TrainSummary(
+        model=name,
+        kind=mc.kind,
+        pretrained=built.pretrained,
+        backbone=mc.backbone if transfer else None,
+        weights=(str(mc.weights) if mc.weights is not None else None) if transfer else None,
+        classes=list(scheme.classes),
+        input_shape=list(input_shape),
+        parameters=int(built.model.count_params()),
+        strategy=type(strategy).__name__,
+        replicas=int(strategy.num_replicas_in_sync),
+        mixed_precision=bool(t.mixed_precision),
+        jit_compile=bool(t.jit_compile),
+        train_images=len(train["labels"]),
+        val_images=len(val["labels"]),
+        class_balance=str(t.class_weight),
+        class_balance_weights=None if balance_weights is None else [
+            balance_weights.get(k, 1.0) for k in range(scheme.n_classes)],
+        phases=[PhaseRecord(**r) for r in records],
+        epochs=len(history),
+        best_epoch=int(best["epoch"]),
+        best_val_loss=float(best["val_loss"]),
+        train_loss_at_best=float(best["loss"]),
+        wall_time_s=round(wall, 1),
+        resumed=resumed,
+    )
+    return Fitted(built, history, summary)
+
+
+def save(fitted: Fitted, cfg: DictConfig, out: Path) -> None:
+    """The model folder, whole or not at all: network, history, resolved config, summary.
+
+    It replaces the old folder, ``inference.json`` included: that was fitted for the old
+    network, and the evaluate stage fits it for this one.
+    """
+    with atomic_path(out, signature=(SUMMARY_NAME, INFERENCE_NAME), key="paths.models") as tmp:
+        tmp.mkdir(parents=True)
+        fitted.built.model.save(tmp / MODEL_NAME)
+        fitted.history.to_csv(tmp / HISTORY_NAME, index=False)
+        save_config(cfg, tmp)
+        fitted.summary.save(tmp)
+
+
+def run(cfg: DictConfig, name: str | None = None) -> TrainSummary:
+    """Train ``models[name]`` (default: ``cfg.model``) on the prepared data."""
+    from pipeline.sweep import redirect_outputs_in_multirun
+
+    cfg = redirect_outputs_in_multirun(cfg)
+    name = name or cfg.model
+    # What this model trains with (its models.<name>.train over train), and what config.yaml keeps.
+    cfg = OmegaConf.merge(cfg, {"train": model_train_config(cfg, name)})
+    meta = check_before_work(cfg, name)
+    layout = Layout.from_config(cfg)
+    out, state = layout.model_dir(name), layout.backup / name
     with exclusive_state(state, name):  # released even if training fails
-        resumed = prepare_state_dir(state, config_fingerprint(cfg, name))
-        if resumed:
-            log.info("resuming %s from the state left in %s", name, state)
-        started = time.perf_counter()
-        with strategy.scope():
-            records = fit_phases(built, data, cfg, state, class_weight)
-        wall = time.perf_counter() - started
-
-        decision = {"alpha": 0.0, "class_factors": None, "validation_macro_f1": {}}
-        if t.prior_correction != "none":
-            val_proba = predict_proba(built.model, val["images"].astype(np.float32),
-                                      cfg.evaluate.tta, zoom=float(cfg.evaluate.tta_zoom))
-            grid = (PRIOR_CORRECTION_GRID if t.prior_correction == "fit"
-                    else (float(t.prior_correction),))
-            decision = fit_prior_correction(val_proba, val["labels"], balance_weights,
-                                            scheme.n_classes, grid)
-            log.info("prior correction: alpha %.2f (validation macro-F1 by alpha: %s)",
-                     decision["alpha"], decision["validation_macro_f1"])
-
-        history = pd.read_csv(state / HISTORY_NAME)
-        history["epoch"] = history["epoch"] + 1  # 1-based, as Keras prints them
-        history["phase"] = [built.phases[int(p) - 1].name for p in history["phase"]]
-        best = best_epoch_row(history, records, int(t.min_epochs))
-        summary = {
-            "model": name,
-            "kind": mc.kind,
-            "pretrained": built.pretrained,
-            "backbone": mc.backbone if mc.kind == "transfer" else None,
-            "weights": (str(mc.weights) if mc.weights is not None else None)
-            if mc.kind == "transfer" else None,
-            "classes": list(scheme.classes),
-            "input_shape": list(input_shape),
-            "parameters": int(built.model.count_params()),
-            "strategy": type(strategy).__name__,
-            "replicas": int(strategy.num_replicas_in_sync),
-            "mixed_precision": bool(t.mixed_precision),
-            "jit_compile": bool(t.jit_compile),
-            "train_images": len(train["labels"]),
-            "val_images": len(val["labels"]),
-            "class_weight": class_weight,  # loss weights (None with resample or none)
-            "class_balance": t.class_weight,
-            "decision": {**decision, "how": t.prior_correction},  # fit, none or a fixed alpha
-            "phases": records,
-            "epochs": len(history),
-            "best_epoch": int(best["epoch"]),
-            "best_val_loss": float(best["val_loss"]),
-            "train_loss_at_best": float(best["loss"]),
-            "wall_time_s": round(wall, 1),
-            "resumed": resumed,
-        }
-        keras.mixed_precision.set_global_policy("float32")  # leave the process as we found it
-        with atomic_path(out, signature=SUMMARY_NAME, key="paths.models") as tmp:
-            tmp.mkdir(parents=True)
-            built.model.save(tmp / MODEL_NAME)
-            history.to_csv(tmp / HISTORY_NAME, index=False)
-            OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
-            atomic_write_json(tmp / SUMMARY_NAME, summary)
+        fitted = fit(cfg, name, meta, state)
+        save(fitted, cfg, out)
         shutil.rmtree(state, ignore_errors=True)
+    summary = fitted.summary
     log.info("saved %s: best epoch %d, val_loss %.4f, %.0f s", out / MODEL_NAME,
-             summary["best_epoch"], summary["best_val_loss"], wall)
+             summary.best_epoch, summary.best_val_loss, summary.wall_time_s)
     return summary
 
 

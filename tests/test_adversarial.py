@@ -159,6 +159,7 @@ def minimal_meta(prepared: Path) -> None:
     per_class = {c: 3 for c in CLASSES}
     (prepared / "meta.json").write_text(json.dumps({
         "classes": list(CLASSES), "image_size": 32, "center_crop": 1.0, "source": "mock",
+        "normalization": "asinh", "augmented_copies_per_galaxy": 0, "augment_mode": "stored",
         "splits": {s: {"galaxies": 9, "per_class": per_class} for s in ("train", "val", "test")},
     }))
 
@@ -246,16 +247,31 @@ def lambda_model(proj: Path) -> None:
 
 def model_dir_case(model: bytes | None, *extra: str, lam: bool = False
                    ) -> Callable[[Path, dict], list[str]]:
+    """A model folder as train and evaluate leave it, around ``model`` bytes (or a model whose
+    Lambda layer safe_mode refuses)."""
     def setup(proj: Path, ctx: dict) -> list[str]:
-        (proj / "m").mkdir()
-        (proj / "m" / "config.yaml").write_text(
+        folder = proj / "m"
+        folder.mkdir()
+        (folder / "config.yaml").write_text(
             "data: {classes: [elliptical, spiral, edge_on]}\n"
             "prepare: {image_size: 32, center_crop: 1.0, softening_sigmas: 3.0, "
-            "white_percentile: 99.5}\nevaluate: {tta: none, tta_zoom: 1.0}\n")
+            "white_percentile: 99.5}\n")
         if lam:
             lambda_model(proj)
         elif model is not None:
-            (proj / "m" / "model.keras").write_bytes(model)
+            (folder / "model.keras").write_bytes(model)
+        (folder / "train_summary.json").write_text(json.dumps({
+            "model": "m", "kind": "cnn", "pretrained": None, "backbone": None, "weights": None,
+            "classes": list(CLASSES), "input_shape": [32, 32, 3], "parameters": 1,
+            "strategy": "default", "replicas": 1, "mixed_precision": False,
+            "jit_compile": False, "train_images": 1, "val_images": 1, "class_balance": "none",
+            "class_balance_weights": None, "phases": [], "epochs": 1, "best_epoch": 1,
+            "best_val_loss": 1.0, "train_loss_at_best": 1.0, "wall_time_s": 1.0}))
+        digest = (hashlib.sha256((folder / "model.keras").read_bytes()).hexdigest()
+                  if (folder / "model.keras").is_file() else "")
+        (folder / "inference.json").write_text(json.dumps({
+            "tta": "none", "tta_zoom": 1.0, "prior_correction": {"how": "none"},
+            "model_sha256": digest}))
         user_folder(proj / "user", 2)
         return ["model_dir=m", *extra]
 
@@ -445,7 +461,13 @@ CASES: dict[str, Case] = {
         r"byte 0xe9 on line 2 is not valid utf-8.*set encoding=latin-1"),
     "predict-not-a-model-folder": Case("predict", lambda p, c: ["model_dir=nowhere",
                                                                 "input=x.csv"],
-                                       r"model_dir = 'nowhere': no config.yaml"),
+                                       r"nowhere/config.yaml: not found; point at a folder "
+                                       r"written by the train stage"),
+    "predict-stale-inference": Case("predict", lambda p, c: (
+        model_dir_case(b"PK old model")(p, c),
+        (p / "m" / "model.keras").write_bytes(b"PK retrained"),
+        ["model_dir=m", "input=user/imgs", "output=p.csv"])[2],
+        r"m/inference.json was fitted for another model.keras .* run the evaluate stage"),
 }
 
 

@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.augment import augment_copies, blur, rotate, zoom
-from pipeline.config import AugmentConfig
+from pipeline.config import compose, validate
 
 
 def gaussian_blob(size=48, sx=6.0, sy=2.0, dx=0.0) -> np.ndarray:
@@ -67,8 +67,13 @@ def test_zoom_in_makes_the_galaxy_bigger_by_the_factor():
     assert np.sqrt(sxx1 / sxx0) == pytest.approx(1.5, rel=0.05)
 
 
+def default_augment():
+    """conf/augment/default.yaml, as the pipeline reads it."""
+    return validate(compose()).augment
+
+
 def test_random_copies_are_reproducible_bounded_and_different():
-    cfg = OmegaConf.structured(AugmentConfig)
+    cfg = default_augment()
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (10, 32, 32, 3)).astype(np.float32)
     a, src_a = augment_copies(images, cfg, seed=5)
@@ -82,7 +87,7 @@ def test_random_copies_are_reproducible_bounded_and_different():
 
 
 def test_no_copies_when_augmentation_is_off():
-    cfg = OmegaConf.merge(OmegaConf.structured(AugmentConfig), {"copies": 0})
+    cfg = OmegaConf.merge(default_augment(), {"copies": 0})
     copies, sources = augment_copies(np.zeros((4, 16, 16, 3), np.float32), cfg, seed=0)
     assert copies.shape == (0, 16, 16, 3)
     assert sources.shape == (0,)

@@ -102,8 +102,9 @@ def test_dot_overrides_reach_one_model_only():
      r"'models.cnn.train.epochs' = 0 is invalid: an integer in \[1, 10000\]"),
     ("+models.transfer.train.lr_schedule=step",
      r"'models.transfer.train.lr_schedule' = 'step' is invalid: one of \['plateau', 'cosine'\]"),
-    ("train.prior_correction=1.5",
-     r"'train.prior_correction' = '1.5' is invalid: 'fit' .*'none', or a fixed alpha in \[0, 1\]"),
+    ("evaluate.prior_correction=1.5",
+     r"'evaluate.prior_correction' = '1.5' is invalid: 'fit' .*'none', or a fixed alpha in "
+     r"\[0, 1\]"),
     ("evaluate.tta=flips", r"'evaluate.tta' = 'flips' is invalid: one of \['none', 'rot4'"),
     ("evaluate.tta_zoom=3",
      r"'evaluate.tta_zoom' = 3.0 is invalid: a magnification in \[0.5, 2.0\]"),

@@ -34,7 +34,9 @@ def test_tiny_pipeline_trains_evaluates_and_reports_both_models(trained_tiny):
         metrics = json.loads((Path(cfg.paths.reports) / name / "metrics.json").read_text())
         assert 0.0 <= metrics["accuracy"] <= 1.0
         assert set(metrics["per_class"]) == {"elliptical", "spiral", "edge_on"}
-        assert metrics["pretrained"] == summary["pretrained"]
+        assert metrics["pretrained"] == summary.pretrained
+        inference = json.loads((model_dir / "inference.json").read_text())  # the bundle's views
+        assert (inference["tta"], inference["tta_zoom"]) == (metrics["tta"], metrics["tta_zoom"])
         assert metrics["n_test"] == len(pd.read_csv(Path(cfg.paths.reports) / name /
                                                     "predictions.csv"))
     assert json.loads((Path(cfg.paths.reports) / "transfer" / "metrics.json").read_text())[

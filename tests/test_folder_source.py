@@ -66,7 +66,7 @@ def test_folder_source_maps_labels_drops_unmapped_and_copies_images(tmp_path, ca
     assert {Path(f).suffix for f in out["file"]} == {".jpg", ".png", ".fits"}
     assert out.loc[out.objid == "S_cw-2", "source_file"].item() == "imgs/sub/S_cw_2.fits"
     meta = prepare.run(cfg)  # mixed sizes and formats prepare to one shape
-    assert sum(v["galaxies"] for v in meta["splits"].values()) == 28
+    assert sum(v.galaxies for v in meta.splits.values()) == 28
 
 
 def test_ids_cannot_escape_the_data_folder(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline import predict
+from pipeline.artifacts import InferenceSettings, TrainedModel, load_split
 from pipeline.config import ConfigError
 from tests.conftest import REPO
 
@@ -23,7 +24,7 @@ def predict_cfg(**values):
 
 @pytest.mark.slow
 def test_predict_on_a_catalog_reproduces_evaluate(trained_tiny, tmp_path):
-    cfg, summaries = trained_tiny
+    cfg, _ = trained_tiny
     evaluated = pd.read_csv(Path(cfg.paths.reports) / "cnn" / "predictions.csv", dtype=str)
     catalog = pd.read_csv(Path(cfg.paths.raw) / "catalog.csv", dtype=str)
     test_rows = catalog.set_index("objid").loc[evaluated["objid"]].reset_index()
@@ -47,9 +48,18 @@ def test_predict_on_a_catalog_reproduces_evaluate(trained_tiny, tmp_path):
     metrics = pd.read_json(Path(cfg.paths.reports) / "cnn" / "metrics.json", typ="series")
     assert metrics["tta"] == "dihedral" and metrics["tta_views"] == 8
     assert metrics["tta_zoom"] == 1.0
-    decision = summaries["cnn"]["decision"]  # fitted on validation by train, applied by both
-    assert metrics["prior_correction_alpha"] == decision["alpha"]
-    assert set(decision["validation_macro_f1"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
+    # The views and the prior correction are one decision, stored in the bundle by evaluate.
+    inference = InferenceSettings.load(Path(cfg.paths.models) / "cnn")
+    assert (inference.tta, inference.tta_zoom) == ("dihedral", 1.0)
+    assert metrics["prior_correction_alpha"] == inference.prior_correction.alpha
+    assert set(inference.prior_correction.validation_macro_f1) == {
+        "0.0", "0.25", "0.5", "0.75", "1.0"}
+    # The same bundle on the same pixels: evaluate's probabilities, to float precision.
+    bundle = TrainedModel.load(Path(cfg.paths.models) / "cnn")
+    test = load_split(Path(cfg.paths.prepared), "test")
+    np.testing.assert_allclose(bundle.predict_proba(test["images"].astype(np.float32)),
+                               evaluated[["p_elliptical", "p_spiral", "p_edge_on"]].astype(float),
+                               atol=1e-6)
     single = predict.run(predict_cfg(model_dir=str(Path(cfg.paths.models) / "cnn"),
                                      input=str(user_catalog), image_column="path", tta="none",
                                      output=str(tmp_path / "one.csv"), mc_dropout_samples=0))
@@ -85,7 +95,7 @@ def test_predict_on_a_folder_with_mc_dropout_gives_a_spread(trained_tiny, tmp_pa
 def test_predict_cli_names_a_missing_column(tmp_path):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    (model_dir / "config.yaml").write_text("data: {classes: [a, b]}\nprepare: {}\n")
+    (model_dir / "config.yaml").write_text("data: {classes: [a, b]}\nprepare: {image_size: 8}\n")
     (model_dir / "model.keras").write_bytes(b"")
     catalog = tmp_path / "c.csv"
     catalog.write_text("file,label\nx.jpg,a\n")

@@ -12,7 +12,8 @@ import pytest
 from pipeline import fetch, prepare
 from pipeline.catalog import CatalogError
 from pipeline.io import load_arrays
-from pipeline.prepare import DataError, normalize_display, normalize_flux
+from pipeline.prepare import DataError
+from pipeline.preprocess import normalize_display, normalize_flux
 
 
 def test_flux_normalisation_maps_sky_to_minus_one_and_core_to_plus_one():
@@ -87,7 +88,7 @@ def test_corrupt_cutout_is_skipped_and_reported(tiny_cfg):
     victim.write_bytes(victim.read_bytes()[:1000])  # truncated download
     meta = prepare.run(tiny_cfg)
     skipped = pd.read_csv(Path(tiny_cfg.paths.prepared) / "skipped.csv")
-    assert meta["n_skipped"] == 1
+    assert meta.n_skipped == 1
     assert skipped["objid"].tolist() == ["mock0000002"]
     assert "mock0000002.fits" in skipped["reason"].iloc[0]
 

@@ -90,6 +90,9 @@ def test_runnable_readme_commands_succeed_on_the_tiny_config(tmp_path):
     changed = ran["dvc exp run -S augment=none"]
     assert changed[0] == "prepare" and "fetch" not in changed and "report" in changed
     assert ran["dvc exp run -S models.cnn.dropout=0.5"][0] == "train@cnn"
+    # "a test-time view (`evaluate.*`) ... rescores both models, without retraining either"
+    assert set(ran["dvc exp run -S evaluate.tta_zoom=1.2"]) == {
+        "evaluate@cnn", "evaluate@transfer", "report"}
     assert (project / "reports" / "cards" / "comparison.html").is_file()
     assert (project / "preds.csv").read_text().startswith("image,predicted,")
     assert list((project / "multirun").glob("*/*/sweep_summary.csv"))

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from pipeline.report import bootstrap_intervals, diagnose_overfitting
+from pipeline.metrics import bootstrap_intervals
+from pipeline.report import diagnose_overfitting
 
 CLASSES = ["elliptical", "spiral", "edge_on"]
 
@@ -55,6 +56,7 @@ def test_diagnosis_is_calm_when_curves_stay_together():
 
 
 def test_cards_credit_the_data_and_describe_on_the_fly_augmentation():
+    from pipeline.artifacts import PreparedMeta
     from pipeline.config import compose, validate
     from pipeline.report import data_context, source_description
 
@@ -62,7 +64,10 @@ def test_cards_credit_the_data_and_describe_on_the_fly_augmentation():
     text = source_description(cfg.data)
     assert "catalog `../shared/data/gz1-dev/labels.csv`" in text
     assert "Lintott et al. 2008, 2011" in text
-    described = data_context(cfg, {"splits": {}})["augment_description"]
+    meta = PreparedMeta(classes=["a", "b"], image_size=144, center_crop=0.35, normalization="",
+                        source="folder", splits={}, augmented_copies_per_galaxy=0,
+                        augment_mode="on_the_fly")
+    described = data_context(cfg, meta)["augment_description"]
     assert described.startswith("fresh random copies in every epoch (on the fly)")
     sdss = validate(compose(["data=sdss"]))
     assert "Galaxy Zoo 1 (Lintott et al. 2008, 2011) at vote fraction >= 0.8" in (

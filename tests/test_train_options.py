@@ -26,13 +26,13 @@ def test_training_runs_under_each_strategy_and_precision(prepared_tiny, tmp_path
         summary = train.run(cfg, "cnn")
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    assert summary["strategy"] == strategy
-    assert summary["replicas"] == 1  # one CPU device
+    assert summary.strategy == strategy
+    assert summary.replicas == 1  # one CPU device
     history = pd.read_csv(Path(cfg.paths.models) / "cnn" / "history.csv")
     assert history["loss"].notna().all()
-    from pipeline.evaluate import load_model
+    from pipeline.artifacts import load_keras_model
 
-    model = load_model(Path(cfg.paths.models) / "cnn")
+    model = load_keras_model(Path(cfg.paths.models) / "cnn")
     assert model.get_layer("probabilities").dtype_policy.compute_dtype == "float32"
 
 
@@ -40,10 +40,10 @@ def test_on_the_fly_augmentation_draws_new_copies_every_epoch():
     import numpy as np
     from omegaconf import OmegaConf
 
-    from pipeline.config import AugmentConfig
+    from pipeline.config import compose, validate
     from pipeline.train import make_dataset
 
-    aug = OmegaConf.merge(OmegaConf.structured(AugmentConfig), {"mode": "on_the_fly"})
+    aug = OmegaConf.merge(validate(compose()).augment, {"mode": "on_the_fly"})
     y_, x_ = np.indices((32, 32))
     galaxy = np.exp(-((x_ - 16) ** 2 / 40 + (y_ - 16) ** 2 / 8))[..., None].repeat(3, -1)
     images = np.repeat((2 * galaxy - 1)[None], 8, axis=0).astype(np.float16)
@@ -98,9 +98,9 @@ def test_resample_zoom_and_averaging_reach_the_metrics_and_the_card(prepared_tin
     with open_dict(cfg):
         del cfg.models["transfer"]  # a project with one model: its card alone
     summary = train.run(cfg, "cnn")
-    assert summary["class_weight"] is None and summary["class_balance"] == "resample"
+    assert summary.class_balance == "resample" and len(summary.class_balance_weights) == 3
     metrics = evaluate.run(cfg, "cnn")
-    assert metrics["tta_zoom"] == 1.2
+    assert metrics.tta_zoom == 1.2
     report.run(cfg)
     card = (Path(cfg.paths.reports) / "cards" / "cnn.md").read_text()
     assert "class-balanced sampling, every class drawn equally often each epoch" in card
@@ -118,10 +118,10 @@ def test_on_the_fly_mode_stores_no_copies_and_trains(tmp_path):
     cfg = tiny_config(tmp_path, "augment.mode=on_the_fly")
     fetch.run(cfg)
     meta = prepare.run(cfg)
-    assert meta["augment_mode"] == "on_the_fly"
+    assert meta.augment_mode == "on_the_fly"
     assert not load_arrays(Path(cfg.paths.prepared) / "train")["augmented"].any()
     summary = train.run(cfg, "cnn")
-    assert summary["train_images"] == meta["splits"]["train"]["galaxies"]
+    assert summary.train_images == meta.splits["train"].galaxies
 
 
 def test_best_epoch_skips_each_phases_first_min_epochs():
@@ -139,23 +139,24 @@ def test_min_epochs_keeps_no_early_epoch(prepared_tiny, tmp_path):
     cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
                       f"paths.prepared={prepared_tiny.paths.prepared}", "train.epochs=4",
                       "train.min_epochs=2", "train.early_stopping_patience=1000",
-                      "train.prior_correction=0.5")
+                      "evaluate.prior_correction=0.5")
     summary = train.run(cfg, "cnn")
-    # A fixed prior correction is kept as given; evaluate applies and reports it.
-    decision = summary["decision"]
-    assert decision["alpha"] == 0.5 and decision["how"] == "0.5"
-    assert list(decision["validation_macro_f1"]) == ["0.5"]
-    weights = summary["class_weight"]
-    assert decision["class_factors"] == pytest.approx([weights[c] ** -0.5 for c in sorted(weights)])
     from pipeline import evaluate
+    from pipeline.artifacts import InferenceSettings
 
+    # A fixed prior correction is kept as given; evaluate fits, stores, applies and reports it.
     metrics = evaluate.run(cfg, "cnn")
-    assert metrics["prior_correction"] == "0.5" and metrics["prior_correction_alpha"] == 0.5
+    assert metrics.prior_correction == "0.5" and metrics.prior_correction_alpha == 0.5
+    correction = InferenceSettings.load(Path(cfg.paths.models) / "cnn").prior_correction
+    assert correction.alpha == 0.5 and correction.how == "0.5"
+    assert list(correction.validation_macro_f1) == ["0.5"]
+    weights = summary.class_balance_weights
+    assert correction.class_factors == pytest.approx([w ** -0.5 for w in weights])
     history = pd.read_csv(Path(cfg.paths.models) / "cnn" / "history.csv")
     assert len(history) == 4
     later = history[history["epoch"] > 2]
-    assert summary["best_epoch"] == int(later.loc[later["val_loss"].idxmin(), "epoch"])
-    assert summary["best_val_loss"] == pytest.approx(later["val_loss"].min())
+    assert summary.best_epoch == int(later.loc[later["val_loss"].idxmin(), "epoch"])
+    assert summary.best_val_loss == pytest.approx(later["val_loss"].min())
 
 
 @pytest.mark.slow
@@ -165,8 +166,8 @@ def test_min_epochs_longer_than_training_keeps_the_last_epoch(prepared_tiny, tmp
                       f"paths.prepared={prepared_tiny.paths.prepared}", "train.epochs=2",
                       "train.min_epochs=5")
     summary = train.run(cfg, "cnn")
-    assert summary["epochs"] == 2 and summary["best_epoch"] == 2
-    assert summary["phases"][0]["best_val_loss_so_far"] is None
+    assert summary.epochs == 2 and summary.best_epoch == 2
+    assert summary.phases[0].best_val_loss_so_far is None
 
 
 @pytest.mark.slow
@@ -175,19 +176,18 @@ def test_weight_averaging_keeps_the_weights_it_validated(prepared_tiny, tmp_path
     """With ``train.ema_momentum``, the val_loss that chose the best epoch is the saved model's."""
     import numpy as np
 
-    from pipeline.evaluate import load_model
-    from pipeline.prepare import load_split
+    from pipeline.artifacts import load_keras_model, load_split
 
     cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
                       f"paths.prepared={prepared_tiny.paths.prepared}", "train.epochs=3",
                       "train.ema_momentum=0.9", "train.early_stopping_patience=1000")
     summary = train.run(cfg, model)
     val = load_split(Path(cfg.paths.prepared), "val")
-    saved = load_model(Path(cfg.paths.models) / model)
+    saved = load_keras_model(Path(cfg.paths.models) / model)
     proba = saved.predict(val["images"].astype(np.float32), verbose=0)
     loss = float(keras.losses.SparseCategoricalCrossentropy()(val["labels"], proba))
     loss += sum(float(penalty) for penalty in saved.losses)  # val_loss includes the L2 terms
-    assert loss == pytest.approx(summary["best_val_loss"], rel=1e-3)
+    assert loss == pytest.approx(summary.best_val_loss, rel=1e-3)
 
 
 def test_ema_momentum_out_of_range_is_refused(tmp_path):

@@ -1,40 +1,61 @@
-"""Where galaxies come from. Every source writes the same contract into ``paths.raw``:
+"""Where galaxies come from. Each source is one module of this package that defines ``SOURCE``,
+a :class:`SourceKind`: its ``data.<name>`` schema, its checks, its fetch function and the
+sentence the model card says about it. Adding a source is one module here and one
+``conf/data/<name>.yaml``.
 
-* one cutout file per galaxy (FITS with g, r, i extensions, or JPEG/PNG), and
-* ``catalog.csv`` with at least the columns in :data:`CATALOG_COLUMNS` (``file`` is relative
-  to the raw folder).
+Every source writes the same contract into ``paths.raw``:
+
+* one cutout file per galaxy (FITS with g, r, i extensions, or JPEG/PNG/TIFF), and
+* ``catalog.csv`` with at least the columns in :data:`pipeline.artifacts.CATALOG_COLUMNS`
+  (``file`` is relative to the raw folder).
 
 The stages after ``fetch`` read only that contract, never the source.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from omegaconf import DictConfig
 
-from pipeline.catalog import CATALOG_COLUMNS, CATALOG_NAME
+from pipeline import discover
+from pipeline.artifacts import CATALOG_COLUMNS, CATALOG_NAME
 
-__all__ = ["CATALOG_COLUMNS", "CATALOG_NAME", "Source", "get_source"]
+if TYPE_CHECKING:
+    import pandas as pd
 
-# A source takes the validated config and an empty folder, fills the folder with cutouts and
-# returns the catalog (fetch writes it).
-Source = Callable[[DictConfig, Path], pd.DataFrame]
+__all__ = ["CATALOG_COLUMNS", "CATALOG_NAME", "SourceKind", "get_source", "registry"]
 
 
-def get_source(name: str) -> Source:
-    if name == "mock":
-        from pipeline.sources.mock import fetch_mock
+def _no_inputs(data: DictConfig) -> dict[str, str | None]:
+    return {}
 
-        return fetch_mock
-    if name == "folder":
-        from pipeline.sources.folder import fetch_folder
 
-        return fetch_folder
-    if name == "sdss":
-        from pipeline.sources.sdss import fetch_sdss
+@dataclass(frozen=True)
+class SourceKind:
+    """One galaxy source, as the rest of the pipeline sees it."""
 
-        return fetch_sdss
-    raise KeyError(f"unknown data.source {name!r}")
+    name: str
+    schema: type  # the dataclass of data.<name>
+    # Takes the validated config and an empty folder, fills the folder with cutouts and returns
+    # the catalog (fetch writes it).
+    fetch: Callable[[DictConfig, Path], pd.DataFrame]
+    validate: Callable[[DictConfig], None]  # checks cfg.data; raises ConfigError
+    describe: Callable[[DictConfig], str]  # where galaxies and labels came from, with credit
+    # Files and folders of the user's that it reads, by config key: fetch refuses an output
+    # that holds one of them.
+    inputs: Callable[[DictConfig], dict[str, str | None]] = field(default=_no_inputs)
+
+
+@functools.cache
+def registry() -> dict[str, SourceKind]:
+    """Every source module of this package, by name."""
+    return discover(__name__, "SOURCE", SourceKind)
+
+
+def get_source(name: str) -> SourceKind:
+    return registry()[name]

@@ -9,17 +9,21 @@ later stages see the same contract as from any other source.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from tqdm import tqdm
 
 from pipeline.catalog import CatalogError, numeric_column, read_csv_catalog
+from pipeline.errors import require
 from pipeline.io import ImageError, ensure_free_space, image_kind, is_within, read_image
+from pipeline.sources import SourceKind
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +123,46 @@ def fetch_folder(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
                     len(failures), len(catalog), failures[0]["reason"])
     return pd.DataFrame(rows, columns=["objid", "ra", "dec", "label", "file", "raw_label",
                                        "source_file"])
+
+
+# --------------------------------------------------------------------------- the source
+@dataclass
+class FolderConfig:
+    """``data.folder`` (values and their reasons: ``conf/data/folder.yaml``)."""
+
+    catalog: str | None = MISSING
+    image_column: str = MISSING
+    label_column: str = MISSING
+    id_column: str | None = MISSING
+    ra_column: str | None = MISSING
+    dec_column: str | None = MISSING
+    image_root: str | None = MISSING
+    encoding: str = MISSING
+    label_map: dict[str, str] | None = MISSING
+    credit: str | None = MISSING
+
+
+def validate(data: DictConfig) -> None:
+    fc = data.folder
+    require(bool(fc.catalog), "data.folder.catalog", fc.catalog,
+            "the path to a catalog CSV (image path and label columns)")
+    require(bool(fc.image_column) and bool(fc.label_column), "data.folder.image_column",
+            fc.image_column, "the names of the catalog's image and label columns")
+    try:
+        codecs.lookup(str(fc.encoding))
+    except LookupError:
+        require(False, "data.folder.encoding", fc.encoding,
+                "a Python text encoding such as utf-8, latin-1 or cp1252")
+
+
+def describe(data: DictConfig) -> str:
+    text = f"labelled image folder, catalog `{data.folder.catalog}`"
+    return text + (f"; credit: {data.folder.credit}" if data.folder.credit else "")
+
+
+def inputs(data: DictConfig) -> dict[str, str | None]:
+    return {"data.folder.catalog": data.folder.catalog,
+            "data.folder.image_root": data.folder.image_root}
+
+
+SOURCE = SourceKind("folder", FolderConfig, fetch_folder, validate, describe, inputs)

@@ -20,17 +20,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from astropy.convolution import Gaussian2DKernel, convolve_fft
-from astropy.io import fits
-from astropy.modeling.models import Sersic2D
-from astropy.nddata import block_reduce
-from astropy.stats import gaussian_fwhm_to_sigma
-from astropy.wcs import WCS
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from tqdm import tqdm
+
+from pipeline.errors import require, within
+from pipeline.sources import SourceKind
+
+if TYPE_CHECKING:
+    from astropy.wcs import WCS
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,11 @@ def render_galaxy(
     label: str, rng: np.random.Generator, cfg: DictConfig
 ) -> tuple[np.ndarray, Galaxy]:
     """Render one noisy galaxy as a ``(3, size, size)`` float32 array of g, r, i counts."""
+    from astropy.convolution import Gaussian2DKernel, convolve_fft
+    from astropy.modeling.models import Sersic2D
+    from astropy.nddata import block_reduce
+    from astropy.stats import gaussian_fwhm_to_sigma
+
     size, os_ = int(cfg.size), int(cfg.oversample)
     scale = float(cfg.pixel_scale)
     n_fine = size * os_
@@ -161,6 +167,8 @@ def render_galaxy(
 
 def cutout_wcs(ra: float, dec: float, size: int, pixel_scale: float) -> WCS:
     """A north-up TAN WCS centred on the galaxy, like an SDSS cutout's."""
+    from astropy.wcs import WCS
+
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     w.wcs.crval = [ra, dec]
@@ -171,6 +179,8 @@ def cutout_wcs(ra: float, dec: float, size: int, pixel_scale: float) -> WCS:
 
 def write_cutout(path: Path, image: np.ndarray, wcs: WCS, meta: dict) -> None:
     """One FITS file per galaxy: an empty primary HDU and one image extension per band."""
+    from astropy.io import fits
+
     primary = fits.PrimaryHDU()
     for key, value in meta.items():
         primary.header[key] = value
@@ -187,10 +197,6 @@ def fetch_mock(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     """Render ``data.mock.n_per_class`` galaxies per class into ``out_dir``."""
     mock = cfg.data.mock
     classes = list(cfg.data.classes)
-    unknown = [c for c in classes if c not in MORPHOLOGIES]
-    if unknown:
-        raise ValueError(f"data.classes {unknown} cannot be simulated by data.source=mock; "
-                         f"it renders {list(MORPHOLOGIES)}")
     labels = [c for c in classes for _ in range(int(mock.n_per_class))]
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -209,3 +215,53 @@ def fetch_mock(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
                      "axis_ratio": truth.axis_ratio, "theta_deg": truth.theta_deg,
                      "flux_r": truth.flux_r, "has_star": truth.has_star})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- the source
+@dataclass
+class MockConfig:
+    """``data.mock`` (values and their reasons: ``conf/data/mock.yaml``)."""
+
+    n_per_class: int = MISSING
+    size: int = MISSING
+    pixel_scale: float = MISSING
+    psf_fwhm: float = MISSING
+    psf_fwhm_jitter: float = MISSING
+    sky_counts: float = MISSING
+    flux_range: list[float] = MISSING
+    star_probability: float = MISSING
+    oversample: int = MISSING
+
+
+def validate(data: DictConfig) -> None:
+    m = data.mock
+    unknown = [c for c in data.classes if c not in MORPHOLOGIES]
+    require(not unknown, "data.classes", list(data.classes),
+            f"classes the mock source can render: {list(MORPHOLOGIES)}")
+    require(1 <= m.n_per_class <= 100_000, "data.mock.n_per_class", m.n_per_class,
+            "an integer in [1, 100000]")
+    require(16 <= m.size <= 1024, "data.mock.size", m.size, "a cutout side in [16, 1024] pixels")
+    require(within(m.pixel_scale, 0.01, 10), "data.mock.pixel_scale", m.pixel_scale,
+            "arcsec/pixel in [0.01, 10]")
+    require(within(m.psf_fwhm, 0.05, 20), "data.mock.psf_fwhm", m.psf_fwhm,
+            "arcsec in [0.05, 20]")
+    require(within(m.psf_fwhm_jitter, 0, m.psf_fwhm) and m.psf_fwhm_jitter < m.psf_fwhm,
+            "data.mock.psf_fwhm_jitter", m.psf_fwhm_jitter,
+            f"arcsec in [0, data.mock.psf_fwhm = {m.psf_fwhm}) so the seeing stays positive")
+    require(within(m.sky_counts, 0, 1e9), "data.mock.sky_counts", m.sky_counts,
+            "counts per pixel in [0, 1e9]")
+    require(len(m.flux_range) == 2 and all(within(f, 1e-3, 1e15) for f in m.flux_range)
+            and m.flux_range[0] <= m.flux_range[1], "data.mock.flux_range",
+            list(m.flux_range), "[low, high] counts with 0 < low <= high")
+    require(within(m.star_probability, 0, 1), "data.mock.star_probability", m.star_probability,
+            "a probability in [0, 1]")
+    require(1 <= m.oversample <= 8, "data.mock.oversample", m.oversample,
+            "an integer in [1, 8] (render this many times finer, then bin)")
+
+
+def describe(data: DictConfig) -> str:
+    return ("simulated SDSS-like gri galaxies rendered by the pipeline from Sersic profiles, "
+            "with PSF, sky and Poisson noise")
+
+
+SOURCE = SourceKind("mock", MockConfig, fetch_mock, validate, describe)

@@ -30,17 +30,18 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import requests
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, require, within
 from pipeline.io import ImageError, remove_stale_temps
+from pipeline.sources import SourceKind
 
 log = logging.getLogger(__name__)
 
@@ -541,3 +542,111 @@ def fetch_sdss(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     catalog["data_release"] = int(sc.data_release)
     first = ["objid", "ra", "dec", "label", "file", "url"]
     return catalog[first + [c for c in catalog.columns if c not in first]].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- the source
+@dataclass
+class SdssJpegConfig:
+    size: int = MISSING
+    scale_mode: str = MISSING
+    scale: float = MISSING
+    petrosian_factor: float = MISSING
+    min_scale: float = MISSING
+    max_scale: float = MISSING
+
+
+@dataclass
+class SdssFitsConfig:
+    size: int = MISSING
+
+
+@dataclass
+class SdssConfig:
+    """``data.sdss`` (values and their reasons: ``conf/data/sdss.yaml``)."""
+
+    catalog: str = MISSING
+    data_release: int = MISSING
+    vote_threshold: float = MISSING
+    n_per_class: int = MISSING
+    candidates_per_class: int = MISSING
+    image_type: str = MISSING
+    skyserver_url: str = MISSING
+    sas_url: str = MISSING
+    timeout_s: float = MISSING
+    retries: int = MISSING
+    backoff_s: float = MISSING
+    concurrency: int = MISSING
+    max_bytes: int = MISSING
+    cache_dir: str = MISSING
+    jpeg: SdssJpegConfig = field(default_factory=SdssJpegConfig)
+    fits: SdssFitsConfig = field(default_factory=SdssFitsConfig)
+
+
+def validate(d: DictConfig) -> None:
+    """Everything that reaches SQL or a URL is a checked number or a known name."""
+    s = d.sdss
+    require(s.catalog in GALAXY_ZOO, "data.sdss.catalog", s.catalog,
+            f"one of {sorted(GALAXY_ZOO)}")
+    known = sorted(GALAXY_ZOO[s.catalog].class_conditions)
+    unknown = [c for c in d.classes if c not in known]
+    require(not unknown, "data.classes", list(d.classes),
+            f"classes that {s.catalog} can select: {known}")
+    require(8 <= s.data_release <= 19, "data.sdss.data_release", s.data_release,
+            "an SDSS data release from 8 to 19")
+    require(0 <= s.vote_threshold <= 1, "data.sdss.vote_threshold", s.vote_threshold,
+            "a vote fraction in [0, 1]")
+    require(1 <= s.n_per_class <= 500_000, "data.sdss.n_per_class", s.n_per_class,
+            "an integer in [1, 500000]")
+    require(s.n_per_class <= s.candidates_per_class <= 500_000,
+            "data.sdss.candidates_per_class", s.candidates_per_class,
+            f"an integer from data.sdss.n_per_class ({s.n_per_class}) to 500000 (the CAS "
+            "returns at most 500,000 rows)")
+    require(s.image_type in ("jpeg", "fits"), "data.sdss.image_type", s.image_type,
+            "'jpeg' or 'fits'")
+    for key in ("skyserver_url", "sas_url"):
+        url = str(s[key])
+        require(url.startswith(("http://", "https://")) and " " not in url,
+                 f"data.sdss.{key}", url, "an http(s) URL")
+    require(within(s.timeout_s, 0.01, 3600) and s.timeout_s > 0, "data.sdss.timeout_s",
+            s.timeout_s, "seconds in (0, 3600] for each whole request")
+    require(0 <= s.retries <= 20, "data.sdss.retries", s.retries, "an integer in [0, 20]")
+    require(within(s.backoff_s, 0, 600), "data.sdss.backoff_s", s.backoff_s,
+            "seconds in [0, 600]")
+    require(1 <= s.concurrency <= 64, "data.sdss.concurrency", s.concurrency,
+            "1 to 64 requests at once (be polite to the archive)")
+    require(1024 <= s.max_bytes <= 2**31, "data.sdss.max_bytes", s.max_bytes,
+            "bytes in [1024, 2**31]")
+    require(bool(str(s.cache_dir).strip()), "data.sdss.cache_dir", s.cache_dir,
+            "a folder for downloads")
+    j = s.jpeg
+    require(16 <= j.size <= 2048, "data.sdss.jpeg.size", j.size, "16 to 2048 pixels")
+    require(j.scale_mode in ("fixed", "petrosian"), "data.sdss.jpeg.scale_mode",
+            j.scale_mode, "'fixed' or 'petrosian'")
+    require(within(j.min_scale, 0.01, 100) and within(j.max_scale, j.min_scale, 100),
+            "data.sdss.jpeg.min_scale", j.min_scale,
+            "arcsec/pixel with 0.01 <= min_scale <= max_scale <= 100")
+    require(within(j.scale, j.min_scale, j.max_scale) or j.scale_mode == "petrosian",
+            "data.sdss.jpeg.scale", j.scale, "arcsec/pixel within [min_scale, max_scale]")
+    require(within(j.petrosian_factor, 0.1, 100), "data.sdss.jpeg.petrosian_factor",
+            j.petrosian_factor, "cutout widths in Petrosian R90 radii, in [0.1, 100]")
+    require(8 <= s.fits.size <= 1024, "data.sdss.fits.size", s.fits.size, "8 to 1024 pixels")
+
+
+
+
+LABEL_CREDITS = {"gz1": "Galaxy Zoo 1 (Lintott et al. 2008, 2011)",
+                 "gz2": "Galaxy Zoo 2 (Willett et al. 2013)"}
+
+
+def describe(data: DictConfig) -> str:
+    sd = data.sdss
+    return (f"SDSS DR{sd.data_release} {sd.image_type} cutouts fetched with astroquery, "
+            f"labels from {LABEL_CREDITS.get(sd.catalog, sd.catalog)} at vote fraction >= "
+            f"{sd.vote_threshold}; imaging credit: the Sloan Digital Sky Survey")
+
+
+def inputs(data: DictConfig) -> dict[str, str | None]:
+    return {"data.sdss.cache_dir": data.sdss.cache_dir}
+
+
+SOURCE = SourceKind("sdss", SdssConfig, fetch_sdss, validate, describe, inputs)

@@ -1,0 +1,127 @@
+"""How a cutout becomes what a model sees: read, centre-crop, resize, normalise to [-1, 1].
+
+One place for the train-time preparation (:mod:`pipeline.prepare`) and for new galaxies
+(:mod:`pipeline.predict`, with the trained model's own saved settings), so that both see the
+same pixels. Normalisation depends on what the file holds:
+
+* flux images (FITS counts): subtract the sky of each band (the median of the cutout's
+  border), apply an asinh stretch softened at ``prepare.softening_sigmas`` times the sky
+  noise (Lupton et al. 2004, the stretch behind SDSS colour images), divide by the image's
+  ``prepare.white_percentile`` (one scale for all three bands, so colours survive), clip to
+  [0, 1] and map to [-1, 1];
+* display images (JPEG/PNG/TIFF, already stretched): ``x / 127.5 - 1``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from pipeline.io import DEFAULT_MAX_PIXELS, FLUX, ImageError, read_image
+
+
+def sky_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image, per-band sky level and noise from the cutout's outer frame.
+
+    Cutouts are centred on their galaxy, so the border is sky: its median is the sky level and
+    its MAD-based standard deviation (robust to the odd star) the noise. One vectorised pass;
+    iterative sigma clipping of whole images (``astropy.stats.sigma_clipped_stats``) cost 8x
+    more here for nearly the same answer.
+    """
+    h, w = images.shape[1:3]
+    k = max(2, min(h, w) // 16)
+    edge = np.concatenate([images[:, :k].reshape(len(images), -1, images.shape[3]),
+                           images[:, -k:].reshape(len(images), -1, images.shape[3]),
+                           images[:, k:-k, :k].reshape(len(images), -1, images.shape[3]),
+                           images[:, k:-k, -k:].reshape(len(images), -1, images.shape[3])],
+                          axis=1)
+    median = np.median(edge, axis=1)
+    # The MAD scaled to a Gaussian sigma (what astropy.stats.mad_std computes), in one call
+    # per batch rather than astropy's per-call checks.
+    mad = 1.482602218505602 * np.median(np.abs(edge - median[:, None, :]), axis=1)
+    return median.astype(np.float32), mad.astype(np.float32)
+
+
+def normalize_flux(images: np.ndarray, softening_sigmas: float, white_percentile: float
+                   ) -> np.ndarray:
+    """Asinh-stretch a batch of sky-subtracted or raw flux images into [-1, 1]."""
+    median, std = sky_statistics(images)
+    noise = np.nanmean(std, axis=1)  # one softening per image keeps the bands' ratios
+    noise = np.where(np.isfinite(noise) & (noise > 0), noise, 1.0)
+    beta = (softening_sigmas * noise[:, None, None, None]).astype(np.float32)
+    stretched = np.arcsinh((images.astype(np.float32) - median[:, None, None, :]) / beta)
+    # The white point is the nearest-rank percentile; np.partition finds it about 8x faster
+    # than np.percentile's interpolation over every image of the batch.
+    flat = stretched.reshape(len(stretched), -1)
+    rank = round(white_percentile / 100 * (flat.shape[1] - 1))
+    white = np.partition(flat, rank, axis=1)[:, rank]
+    white = np.where(white > 0, white, 1.0)[:, None, None, None]
+    return (2.0 * np.clip(stretched / white, 0.0, 1.0) - 1.0).astype(np.float32)
+
+
+def normalize_display(images: np.ndarray) -> np.ndarray:
+    """8-bit display images to [-1, 1]."""
+    return (images.astype(np.float32) / 127.5 - 1.0).clip(-1.0, 1.0)
+
+
+def crop_and_resize(images: np.ndarray, center_crop: float, size: int) -> np.ndarray:
+    """Keep the central ``center_crop`` of each side, then resize to ``size`` (antialiased)."""
+    import keras
+
+    h, w = images.shape[1:3]
+    ch, cw = max(1, round(h * center_crop)), max(1, round(w * center_crop))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    cropped = images[:, top:top + ch, left:left + cw, :]
+    if (ch, cw) == (size, size):
+        return cropped.astype(np.float32)
+    out = keras.ops.image.resize(cropped.astype(np.float32), (size, size),
+                                 interpolation="bilinear", antialias=True,
+                                 data_format="channels_last")
+    return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
+
+
+def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS
+                ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Read, crop, resize and normalise cutouts as ``prep`` (a ``prepare`` config) says.
+
+    Returns the images, a mask of the ones that could be read, and a record per skipped file.
+    ``predict`` calls this with the trained model's own saved ``prepare`` config, so new
+    images get exactly the preprocessing the model was trained on.
+    """
+    size, crop = int(prep.image_size), float(prep.center_crop)
+    ids = ids if ids is not None else [str(p) for p in paths]
+    out = np.empty((len(paths), size, size, 3), dtype=np.float32)
+    kept = np.zeros(len(paths), dtype=bool)
+    skipped: list[dict] = []
+    pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+
+    def flush(key: tuple) -> None:
+        rows = pending.pop(key, [])
+        if not rows:
+            return
+        idx = np.array([i for i, _ in rows])
+        batch = crop_and_resize(np.stack([img for _, img in rows]), crop, size)
+        if key[0] == FLUX:
+            batch = normalize_flux(batch, prep.softening_sigmas, prep.white_percentile)
+        else:
+            batch = normalize_display(batch)
+        out[idx] = batch
+        kept[idx] = True
+
+    for i, path in enumerate(tqdm(paths, desc="read cutouts", unit="img")):
+        try:
+            image, kind = read_image(path, max_pixels=max_pixels)
+        except ImageError as err:
+            skipped.append({"objid": ids[i], "file": str(path), "reason": str(err)})
+            continue
+        key = (kind, image.shape)
+        pending.setdefault(key, []).append((i, image))
+        if len(pending[key]) >= 256:
+            flush(key)
+    for key in list(pending):
+        flush(key)
+    return out, kept, skipped
