@@ -37,6 +37,7 @@ from pipeline.inference import TTA_MODES
 from pipeline.models import ModelCommon
 from pipeline.models import registry as model_kinds
 from pipeline.sources import registry as source_kinds
+from pipeline.sources.sdss import SdssJpegConfig
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,32 @@ class EvaluateConfig:
 
 
 @dataclass
+class RegionSdssConfig:
+    """Where and how ``input=region`` asks SkyServer (as ``data.sdss`` does for fetch)."""
+
+    data_release: int = MISSING
+    skyserver_url: str = MISSING
+    sas_url: str = MISSING
+    timeout_s: float = MISSING
+    retries: int = MISSING
+    backoff_s: float = MISSING
+    concurrency: int = MISSING
+    max_bytes: int = MISSING
+    cache_dir: str = MISSING
+    jpeg: SdssJpegConfig = field(default_factory=SdssJpegConfig)
+
+
+@dataclass
+class RegionConfig:
+    ra: float | None = MISSING
+    dec: float | None = MISSING
+    radius_arcmin: float = MISSING
+    mag_limit: float = MISSING
+    max_galaxies: int = MISSING
+    sdss: RegionSdssConfig = field(default_factory=RegionSdssConfig)
+
+
+@dataclass
 class PredictConfig:
     """``conf/predict.yaml``: applying a trained model to new images."""
 
@@ -148,11 +175,17 @@ class PredictConfig:
     encoding: str = MISSING
     output: str = MISSING
     batch_size: int = MISSING
+    chunk_size: int = MISSING
+    workers: int = MISSING
+    shard: int = MISSING
+    num_shards: int = MISSING
+    max_bad_fraction: float = MISSING
     tta: str | None = MISSING
     tta_zoom: float | None = MISSING
     mc_dropout_samples: int = MISSING
     seed: int = MISSING
     max_image_pixels: int | None = MISSING
+    region: RegionConfig = field(default_factory=RegionConfig)
 
 
 def _optional_fields(schema: type) -> list[tuple[str, Any, Any]]:
@@ -275,6 +308,18 @@ def validate_predict(cfg: DictConfig | dict) -> DictConfig:
         _require(bool(str(merged[key]).strip()), key, merged[key], "a non-empty value")
     _require(1 <= merged.batch_size <= 65536, "batch_size", merged.batch_size,
              "an integer in [1, 65536]")
+    _require(1 <= merged.chunk_size <= 1_000_000, "chunk_size", merged.chunk_size,
+             "images per chunk in [1, 1000000] (memory grows with it)")
+    _require(1 <= merged.workers <= 256, "workers", merged.workers,
+             "decoding threads in [1, 256]")
+    _require(1 <= merged.num_shards <= 100_000, "num_shards", merged.num_shards,
+             "an integer >= 1")
+    _require(0 <= merged.shard < merged.num_shards, "shard", merged.shard,
+             f"an integer in [0, num_shards - 1 = {merged.num_shards - 1}]")
+    _require(_in(merged.max_bad_fraction, 0, 1), "max_bad_fraction", merged.max_bad_fraction,
+             "a fraction in [0, 1]")
+    if str(merged.input) == "region":
+        _validate_region(merged.region)
     _require(0 <= merged.mc_dropout_samples <= 10_000, "mc_dropout_samples",
              merged.mc_dropout_samples, "an integer in [0, 10000] (0 = off)")
     _require(0 <= merged.seed <= SEED_MAX, "seed", merged.seed, f"an integer in [0, {SEED_MAX}]")
@@ -289,6 +334,46 @@ def validate_predict(cfg: DictConfig | dict) -> DictConfig:
              "pixels per image in [256, 1e9], or null for the model's own limit")
     _require_encoding(merged.encoding, "encoding")
     return merged
+
+
+def _validate_region(r: DictConfig) -> None:
+    """A cone on the sky, and how SkyServer is asked for it: every number reaches SQL or a
+    URL, so every one is checked."""
+    _require(r.ra is not None and _in(r.ra, 0, 360), "region.ra", r.ra,
+             "degrees in [0, 360] (input=region asks for the galaxies around it)")
+    _require(r.dec is not None and _in(r.dec, -90, 90), "region.dec", r.dec,
+             "degrees in [-90, 90]")
+    _require(_in(r.radius_arcmin, 0.01, 600), "region.radius_arcmin", r.radius_arcmin,
+             "arcminutes in [0.01, 600]")
+    _require(_in(r.mag_limit, 5, 30), "region.mag_limit", r.mag_limit,
+             "an r-band Petrosian magnitude in [5, 30]")
+    _require(1 <= r.max_galaxies <= 500_000, "region.max_galaxies", r.max_galaxies,
+             "an integer in [1, 500000]")
+    sc = r.sdss
+    _require(8 <= sc.data_release <= 19, "region.sdss.data_release", sc.data_release,
+             "an SDSS data release from 8 to 19")
+    for key in ("skyserver_url", "sas_url"):
+        url = str(sc[key])
+        _require(url.startswith(("http://", "https://")) and " " not in url,
+                 f"region.sdss.{key}", url, "an http(s) URL")
+    _require(_in(sc.timeout_s, 0.01, 3600), "region.sdss.timeout_s", sc.timeout_s,
+             "seconds in (0, 3600]")
+    _require(0 <= sc.retries <= 20, "region.sdss.retries", sc.retries, "an integer in [0, 20]")
+    _require(_in(sc.backoff_s, 0, 600), "region.sdss.backoff_s", sc.backoff_s,
+             "seconds in [0, 600]")
+    _require(1 <= sc.concurrency <= 64, "region.sdss.concurrency", sc.concurrency,
+             "1 to 64 requests at once")
+    _require(1024 <= sc.max_bytes <= 2**31, "region.sdss.max_bytes", sc.max_bytes,
+             "bytes in [1024, 2**31]")
+    j = sc.jpeg
+    _require(16 <= j.size <= 2048, "region.sdss.jpeg.size", j.size, "16 to 2048 pixels")
+    _require(j.scale_mode in ("fixed", "petrosian"), "region.sdss.jpeg.scale_mode",
+             j.scale_mode, "'fixed' or 'petrosian'")
+    _require(_in(j.min_scale, 0.01, 100) and _in(j.max_scale, j.min_scale, 100)
+             and _in(j.scale, j.min_scale, j.max_scale) and _in(j.petrosian_factor, 0.1, 100),
+             "region.sdss.jpeg", OmegaConf.to_container(j),
+             "arcsec/pixel scales with 0.01 <= min_scale <= scale <= max_scale <= 100, and a "
+             "petrosian_factor in [0.1, 100]")
 
 
 def _require_encoding(encoding: str, key: str) -> None:

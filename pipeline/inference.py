@@ -103,7 +103,9 @@ def mc_dropout_probabilities(model, images: np.ndarray, samples: int, batch_size
     2016), each averaged over the ``tta`` views: shape (samples, N, classes).
 
     The expensive part (everything up to the pooled features) runs once per view; only the
-    head, where the dropout layers are, runs ``samples`` times.
+    head, where the dropout layers are, runs ``samples`` times. The masks come from a NumPy
+    generator seeded by ``seed`` alone (inverted dropout, as Keras applies it), so the same
+    images and seed give the same draws whatever ran before in the process.
     """
     import keras
 
@@ -111,14 +113,18 @@ def mc_dropout_probabilities(model, images: np.ndarray, samples: int, batch_size
     head = model.layers[model.layers.index(model.get_layer("gap")) + 1:]
     features = [trunk.predict(v, batch_size=batch_size, verbose=0)
                 for v in tta_views(images, tta, zoom)]
-    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
     draws = []
     for _ in range(samples):
         mean = 0.0
         for f in features:
             x = f
             for layer in head:
-                x = layer(x, training=True) if isinstance(layer, keras.layers.Dropout) else layer(x)
-            mean = mean + keras.ops.convert_to_numpy(x)
+                if isinstance(layer, keras.layers.Dropout):
+                    keep = rng.random(x.shape) >= layer.rate
+                    x = np.where(keep, x / (1.0 - layer.rate), 0.0).astype(np.float32)
+                else:
+                    x = keras.ops.convert_to_numpy(layer(x))
+            mean = mean + x
         draws.append(apply_class_factors(mean / len(features), class_factors))
     return np.stack(draws)

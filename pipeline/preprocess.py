@@ -14,6 +14,7 @@ same pixels. Normalisation depends on what the file holds:
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -84,13 +85,15 @@ def crop_and_resize(images: np.ndarray, center_crop: float, size: int) -> np.nda
 
 
 def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS
+                max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 1, progress: bool = True
                 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Read, crop, resize and normalise cutouts as ``prep`` (a ``prepare`` config) says.
 
     Returns the images, a mask of the ones that could be read, and a record per skipped file.
     ``predict`` calls this with the trained model's own saved ``prepare`` config, so new
-    images get exactly the preprocessing the model was trained on.
+    images get exactly the preprocessing the model was trained on. ``workers`` threads decode
+    files in parallel (the decoders release the GIL); each image's pixels depend on that image
+    alone, so how the files are grouped never changes them.
     """
     size, crop = int(prep.image_size), float(prep.center_crop)
     ids = ids if ids is not None else [str(p) for p in paths]
@@ -112,16 +115,25 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
         out[idx] = batch
         kept[idx] = True
 
-    for i, path in enumerate(tqdm(paths, desc="read cutouts", unit="img")):
+    def read(path: Path) -> tuple[np.ndarray, str] | str:
         try:
-            image, kind = read_image(path, max_pixels=max_pixels)
+            return read_image(path, max_pixels=max_pixels)
         except ImageError as err:
-            skipped.append({"objid": ids[i], "file": str(path), "reason": str(err)})
-            continue
-        key = (kind, image.shape)
-        pending.setdefault(key, []).append((i, image))
-        if len(pending[key]) >= 256:
-            flush(key)
+            return str(err)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        decoded = pool.map(read, paths) if workers > 1 else map(read, paths)
+        if progress:
+            decoded = tqdm(decoded, total=len(paths), desc="read cutouts", unit="img")
+        for i, item in enumerate(decoded):
+            if isinstance(item, str):
+                skipped.append({"objid": ids[i], "file": str(paths[i]), "reason": item})
+                continue
+            image, kind = item
+            key = (kind, image.shape)
+            pending.setdefault(key, []).append((i, image))
+            if len(pending[key]) >= 256:
+                flush(key)
     for key in list(pending):
         flush(key)
     return out, kept, skipped

@@ -59,6 +59,10 @@ class FakeSkyServer:
 
     # ------------------------------------------------------------------ responses
     def sql_csv(self, sql: str) -> bytes:
+        cone = re.search(r"fGetNearbyObjEq\(([-\d.e]+), ([-\d.e]+), ([-\d.e]+)\)", sql)
+        if cone:
+            return self.cone_csv(*map(float, cone.groups()), int(re.search(r"TOP (\d+)",
+                                                                           sql).group(1)))
         where = sql.split(" WHERE ", 1)[1]
         label = next(c for k, c in CLASS_BY_CONDITION.items() if k in where)
         if label in self.sql_bodies:
@@ -72,6 +76,17 @@ class FakeSkyServer:
                      "edge_on": "0.05,0.9,0.02,0.03,0.85"}.get(label, "0.1,0.1,0.1,0.1,0.1")
             lines.append(f"{g.objid},{g.ra},{g.dec},{votes},0.0,0.0,40,6.5,{g.run},301,"
                          f"{g.camcol},{g.field}")
+        return ("\n".join(lines) + "\n").encode()
+
+    def cone_csv(self, ra: float, dec: float, radius_arcmin: float, top: int) -> bytes:
+        """Galaxies within the radius, nearest first, as the CAS answers fGetNearbyObjEq."""
+        def distance(g: Galaxy) -> float:  # arcmin, flat sky: the test cones are small
+            return 60 * float(np.hypot((g.ra - ra) * np.cos(np.deg2rad(dec)), g.dec - dec))
+
+        near = sorted((g for g in self.galaxies if distance(g) <= radius_arcmin), key=distance)
+        lines = ["#Table1", "objid,ra,dec,petroR90_r,petroMag_r,run,rerun,camcol,field"]
+        lines += [f"{g.objid},{g.ra},{g.dec},6.5,16.5,{g.run},301,{g.camcol},{g.field}"
+                  for g in near[:top]]
         return ("\n".join(lines) + "\n").encode()
 
     def jpeg(self, ra: float, dec: float, width: int, height: int) -> bytes:

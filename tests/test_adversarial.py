@@ -446,6 +446,14 @@ CASES: dict[str, Case] = {
         b"", "input=user/imgs", "output=user"), r"output = 'user' is a folder"),
     "predict-output-over-the-model": Case("predict", model_dir_case(
         b"", "input=user/imgs", "output=m/model.keras"), r"lies in or is model_dir = 'm'"),
+    "predict-unknown-format": Case("predict", model_dir_case(
+        b"", "input=user/imgs", "output=p.txt"), r"output = 'p.txt': unknown table format; end "
+        r"the name in one of \['.csv', '.ecsv', '.fit', '.fits', '.vot', '.xml'\]"),
+    "predict-bad-shard": Case("predict", model_dir_case(
+        b"", "input=user/imgs", "output=p.csv", "shard=3", "num_shards=3"),
+        r"'shard' = 3 is invalid: an integer in \[0, num_shards - 1 = 2\]"),
+    "predict-region-without-centre": Case("predict", model_dir_case(
+        b"", "input=region", "output=p.fits"), r"'region.ra' = None is invalid: degrees in"),
     "predict-model-not-a-zip": Case("predict", model_dir_case(
         b"not a zip", "input=user/imgs", "output=p.csv"),
         r"m/model.keras: not a Keras model", absent=("p.csv",)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,12 @@ def test_predict_on_a_catalog_reproduces_evaluate(trained_tiny, tmp_path):
     out = predict.run(predict_cfg(model_dir=str(Path(cfg.paths.models) / "cnn"),
                                   input=str(user_catalog), image_column="path",
                                   output=str(tmp_path / "preds.csv"), mc_dropout_samples=0))
-    on_disk = pd.read_csv(tmp_path / "preds.csv")
-    assert list(on_disk.columns) == ["image", "predicted", "p_elliptical", "p_spiral",
-                                     "p_edge_on", "entropy", "mc_dropout_std"]
-    assert on_disk["image"].tolist() == test_rows.assign(
-        path=[str(Path(cfg.paths.raw) / f) for f in test_rows["file"]])["path"].tolist()
+    on_disk = pd.read_csv(tmp_path / "preds.csv", dtype={"objid": str})
+    # The catalog's own columns first, then what the model says.
+    assert list(on_disk.columns) == [*catalog.columns, "path", "predicted", "p_elliptical",
+                                     "p_spiral", "p_edge_on", "entropy", "mc_dropout_std"]
+    assert on_disk["objid"].tolist() == test_rows["objid"].tolist()
+    assert on_disk["path"].tolist() == [str(Path(cfg.paths.raw) / f) for f in test_rows["file"]]
     # Same preprocessing as training: the same probabilities evaluate found (float16 storage aside).
     np.testing.assert_allclose(out[["p_elliptical", "p_spiral", "p_edge_on"]].to_numpy(),
                                evaluated[["p_elliptical", "p_spiral", "p_edge_on"]].astype(float),
@@ -107,3 +109,180 @@ def test_predict_cli_names_a_missing_column(tmp_path):
     assert "no column image_column = 'filename'; the catalog has ['file', 'label']" in (
         result.stdout + result.stderr)
     assert not (tmp_path / "o.csv").exists()
+
+
+def folder_cfg(cfg, tmp_path, output: str, **values):
+    return predict_cfg(model_dir=str(Path(cfg.paths.models) / "cnn"),
+                       input=str(Path(cfg.paths.raw) / "images"), output=str(tmp_path / output),
+                       **values)
+
+
+@pytest.mark.slow
+def test_three_shards_merged_equal_one_run_row_for_row(trained_tiny, tmp_path):
+    cfg, _ = trained_tiny
+    common = {"chunk_size": 5, "mc_dropout_samples": 5}
+    whole = predict.run(folder_cfg(cfg, tmp_path, "whole.csv", **common))
+    written = [predict.run(folder_cfg(cfg, tmp_path, "sharded.csv", shard=k, num_shards=3,
+                                      **common)) for k in (2, 0, 1)]
+    assert written[0] is None and written[1] is None  # the last shard to finish writes the table
+    sharded = pd.read_csv(tmp_path / "sharded.csv")
+    pd.testing.assert_frame_equal(sharded, pd.read_csv(tmp_path / "whole.csv"))
+    assert len(whole) == 24 and (whole["mc_dropout_std"] > 0).all()
+    assert not list(tmp_path.glob(".*.parts"))  # parts removed once the table is written
+
+
+@pytest.mark.slow
+def test_a_killed_prediction_resumes_and_writes_what_an_uninterrupted_run_writes(trained_tiny,
+                                                                                 tmp_path):
+    cfg, _ = trained_tiny
+    args = [f"model_dir={Path(cfg.paths.models) / 'cnn'}",
+            f"input={Path(cfg.paths.raw) / 'images'}", "chunk_size=1", "mc_dropout_samples=30",
+            f"hydra.run.dir={tmp_path / 'h'}"]
+    parts = tmp_path / ".resumed.csv.parts"
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.predict", *args,
+                                f"output={tmp_path / 'resumed.csv'}"], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(parts.glob("chunk-*.csv"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.kill()  # kill -9, part way through
+    finally:
+        process.wait(timeout=60)
+    finished = len(list(parts.glob("chunk-*.csv")))
+    assert 4 <= finished < 24, "the run should have been killed part way"
+    again = subprocess.run([sys.executable, "-m", "pipeline.predict", *args,
+                            f"output={tmp_path / 'resumed.csv'}"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming: {finished} of 24 chunks are finished" in again.stderr + again.stdout
+    predict.run(folder_cfg(cfg, tmp_path, "straight.csv", chunk_size=1, mc_dropout_samples=30))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "resumed.csv"),
+                                  pd.read_csv(tmp_path / "straight.csv"))
+
+
+@pytest.mark.slow
+def test_parts_from_other_settings_are_discarded_not_mixed(trained_tiny, tmp_path, caplog):
+    cfg, _ = trained_tiny
+    first = folder_cfg(cfg, tmp_path, "p.csv", chunk_size=5, shard=0, num_shards=2)
+    predict.run(first)  # leaves the parts of shard 0
+    with caplog.at_level("INFO"):
+        table = predict.run(folder_cfg(cfg, tmp_path, "p.csv", chunk_size=5, seed=7))
+    assert "discarding 3 part file(s)" in caplog.text
+    assert len(table) == 24
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".fits", ".vot", ".ecsv"])
+def test_tables_carry_the_catalog_columns_units_and_provenance(trained_tiny, tmp_path, suffix):
+    from astropy.io.votable import parse
+    from astropy.table import Table
+
+    cfg, _ = trained_tiny
+    catalog = pd.read_csv(Path(cfg.paths.raw) / "catalog.csv", dtype=str)
+    user = tmp_path / "survey.csv"
+    catalog.assign(file=[str(Path(cfg.paths.raw) / f) for f in catalog["file"]]).to_csv(
+        user, index=False)
+    out = tmp_path / f"morphologies{suffix}"
+    predict.run(predict_cfg(model_dir=str(Path(cfg.paths.models) / "cnn"), input=str(user),
+                            image_column="file", output=str(out), mc_dropout_samples=0))
+    table = Table.read(out)
+    assert table.colnames[:5] == ["objid", "ra", "dec", "label", "file"]
+    assert table.colnames[-6:] == ["predicted", "p_elliptical", "p_spiral", "p_edge_on",
+                                   "entropy", "mc_dropout_std"]
+    assert len(table) == 24 and table["ra"].unit == "deg" and table["dec"].unit == "deg"
+    assert table["ra"].dtype.kind == "f" and table["r_eff_arcsec"].dtype.kind == "f"
+    assert " ".join(table["entropy"].description.split()).endswith("in nats (natural log)")
+    assert table["p_spiral"].description.startswith("probability of class spiral")
+    np.testing.assert_allclose(table["p_elliptical"] + table["p_spiral"] + table["p_edge_on"], 1,
+                               atol=1e-5)
+    meta = ({i.name: i.value for i in parse(str(out)).resources[0].infos} if suffix == ".vot"
+            else table.meta)
+    assert meta["CLASSES"] == "elliptical,spiral,edge_on" and meta["TTA"] == "dihedral"
+    assert str(meta["MODEL"]).endswith("cnn") and "PIPEVER" in meta and "DATE" in meta
+    if suffix == ".vot":
+        fields = {f.name: f for f in parse(str(out)).resources[0].tables[0].fields}
+        assert fields["ra"].ucd == "pos.eq.ra;meta.main"
+
+
+@pytest.mark.slow
+def test_unreadable_images_are_listed_and_too_many_fail(trained_tiny, tmp_path):
+    import shutil
+
+    cfg, _ = trained_tiny
+    images = tmp_path / "images"
+    shutil.copytree(Path(cfg.paths.raw) / "images", images)
+    broken = sorted(images.iterdir())[:2]
+    for path in broken:
+        path.write_bytes(b"SIMPLE  = broken")
+    run = predict_cfg(model_dir=str(Path(cfg.paths.models) / "cnn"), input=str(images),
+                      output=str(tmp_path / "out" / "p.csv"), mc_dropout_samples=0)
+    with pytest.raises(predict.PredictError, match=r"2 of 24 images could not be read, more "
+                                                   r"than max_bad_fraction = 0.05; all are "
+                                                   r"listed in .*p-skipped.csv"):
+        predict.run(run)
+    listed = pd.read_csv(tmp_path / "out" / "p-skipped.csv")
+    assert listed["image"].tolist() == [str(p) for p in broken]
+    assert not (tmp_path / "out" / "p.csv").exists()
+    table = predict.run(OmegaConf.merge(run, {"max_bad_fraction": 0.1}))
+    assert len(table) == 22 and str(broken[0]) not in set(table["image"])
+
+
+@pytest.mark.slow
+def test_a_patch_of_sky_is_queried_fetched_and_classified(trained_tiny, tmp_path):
+    from urllib.parse import unquote_plus
+
+    from tests.fake_skyserver import FakeSkyServer, make_galaxies
+
+    cfg, _ = trained_tiny
+    galaxies = make_galaxies(4)
+    server = FakeSkyServer(galaxies)
+    url = server.start()
+    try:
+        table = predict.run(predict_cfg(
+            model_dir=str(Path(cfg.paths.models) / "cnn"), input="region",
+            output=str(tmp_path / "field.fits"), mc_dropout_samples=0,
+            region={"ra": 150.0, "dec": 2.0, "radius_arcmin": 1.0, "sdss": {
+                "skyserver_url": url, "sas_url": f"{url}/sas", "timeout_s": 5,
+                "cache_dir": str(tmp_path / "cache"), "jpeg": {"size": 48}}}))
+    finally:
+        server.stop()
+    near = [g for g in galaxies if 60 * np.hypot((g.ra - 150.0) * np.cos(np.deg2rad(2)),
+                                                 g.dec - 2.0) <= 1.0]
+    assert 0 < len(near) < len(galaxies)  # the cone holds some of the galaxies, not all
+    assert sorted(table["objid"]) == sorted(g.objid for g in near)
+    assert {"ra", "dec", "petroR90_r", "petroMag_r", "url", "predicted"} <= set(table.columns)
+    assert any("fGetNearbyObjEq(150.0, 2.0, 1.0)" in unquote_plus(r) for r in server.requests)
+    assert all("width=48" in u for u in table["url"])
+
+
+def test_a_bad_region_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", "input=region", "region.ra=400",
+         "region.dec=2", f"output={tmp_path / 'o.fits'}", f"hydra.run.dir={tmp_path / 'h'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+    assert "config key 'region.ra' = 400.0 is invalid: degrees in [0, 360]" in (
+        result.stdout + result.stderr)
+
+
+@pytest.mark.slow
+def test_a_hydra_multirun_over_shard_writes_one_table(trained_tiny, tmp_path):
+    cfg, _ = trained_tiny
+    out = tmp_path / "sky.ecsv"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", "-m", "shard=0,1", "num_shards=2",
+         f"model_dir={Path(cfg.paths.models) / 'cnn'}",
+         f"input={Path(cfg.paths.raw) / 'images'}", f"output={out}", "chunk_size=7",
+         "mc_dropout_samples=0", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "shard 0 is done; 2 chunk(s) of other shards are still to come" in (
+        result.stdout + result.stderr)
+    from astropy.table import Table
+
+    single = predict.run(folder_cfg(cfg, tmp_path, "single.ecsv", chunk_size=7,
+                                    mc_dropout_samples=0))
+    table = Table.read(out).to_pandas()
+    pd.testing.assert_frame_equal(table[single.columns], single.reset_index(drop=True),
+                                  check_dtype=False)

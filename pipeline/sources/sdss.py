@@ -137,15 +137,23 @@ def astroquery_pointed_at(sc: DictConfig) -> Iterator[None]:
         session.adapters.update(saved)
 
 
-def label_columns(spec: LabelTable) -> tuple[list[str], list[str], list[str]]:
-    """The columns :func:`label_query` asks for: all of them, the integer ones, the text ones."""
-    columns = ["objid", "ra", "dec", *spec.vote_columns, "petroR90_r", "run", "rerun", "camcol",
-               "field"]
-    return columns, ["objid", "run", "rerun", "camcol", "field"], ["gz2_class"]
+@dataclass(frozen=True)
+class CasColumns:
+    """What a CAS query asks for: every column, the integer ones, the text ones."""
+
+    names: tuple[str, ...]
+    integers: tuple[str, ...] = ("objid", "run", "rerun", "camcol", "field")
+    texts: tuple[str, ...] = ()
 
 
-def parse_cas_reply(text: str, spec: LabelTable, limit: int, what: str) -> pd.DataFrame:
-    """The CSV the CAS sent for :func:`label_query`, checked against what the query asked for:
+def label_columns(spec: LabelTable) -> CasColumns:
+    """The columns :func:`label_query` asks for."""
+    return CasColumns(("objid", "ra", "dec", *spec.vote_columns, "petroR90_r", "run", "rerun",
+                       "camcol", "field"), texts=("gz2_class",))
+
+
+def parse_cas_reply(text: str, asked: CasColumns, limit: int, what: str) -> pd.DataFrame:
+    """The CSV the CAS sent for a query, checked against what the query asked for:
     its columns, integer ids and frame numbers, numeric votes, finite ra/dec in range.
 
     A reply that is not what it claims (an HTML page with status 200, an error text, a CSV
@@ -166,7 +174,7 @@ def parse_cas_reply(text: str, spec: LabelTable, limit: int, what: str) -> pd.Da
         raise SdssError(f"{what}: the reply is not valid CSV ({str(err).strip()}); it begins "
                         f"{first!r}") from None
     df.columns = [str(c).strip() for c in df.columns]
-    columns, integers, texts = label_columns(spec)
+    columns, integers, texts = asked.names, asked.integers, asked.texts
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise SdssError(f"{what}: the reply lacks column(s) {missing} that the query asked for; "
@@ -225,7 +233,7 @@ def query_labels(cfg: DictConfig) -> tuple[pd.DataFrame, list[str]]:
 
         with astroquery_pointed_at(sc):
             text = with_retries(ask, sc, what)
-        df = parse_cas_reply(text, spec, int(sc.candidates_per_class), what)
+        df = parse_cas_reply(text, label_columns(spec), int(sc.candidates_per_class), what)
         if df.empty:
             raise SdssError(f"{what} returned no galaxies; lower data.sdss.vote_threshold "
                             f"({sc.vote_threshold}) or drop the class from data.classes")
@@ -242,6 +250,44 @@ def query_labels(cfg: DictConfig) -> tuple[pd.DataFrame, list[str]]:
                     int(dupes.sum()))
         catalog = catalog[~dupes].reset_index(drop=True)
     return catalog, queries
+
+
+CONE_COLUMNS = CasColumns(("objid", "ra", "dec", "petroR90_r", "petroMag_r", "run", "rerun",
+                           "camcol", "field"))
+
+
+def cone_query(ra: float, dec: float, radius_arcmin: float, mag_limit: float, limit: int) -> str:
+    """The SQL for the galaxies (``Galaxy``, SDSS's photometric galaxy view) within
+    ``radius_arcmin`` of (ra, dec) brighter than ``mag_limit`` in r (Petrosian), nearest first.
+    Every interpolated value is a checked number."""
+    ra, dec, radius, mag, limit = (float(ra), float(dec), float(radius_arcmin),
+                                   float(mag_limit), int(limit))
+    if not (0 <= ra <= 360 and -90 <= dec <= 90 and 0 < radius <= 600 and 5 <= mag <= 30
+            and limit >= 1) or not all(map(math.isfinite, (ra, dec, radius, mag))):
+        raise ValueError(f"cone ({ra}, {dec}, {radius}, {mag}, {limit}) is out of range")
+    return (f"SELECT TOP {limit} p.objid, p.ra, p.dec, p.petroR90_r, p.petroMag_r, p.run, "
+            f"p.rerun, p.camcol, p.field FROM dbo.fGetNearbyObjEq({ra!r}, {dec!r}, {radius!r}) "
+            f"AS n JOIN Galaxy AS p ON p.objid = n.objid WHERE p.petroMag_r < {mag!r} "
+            "ORDER BY n.distance")
+
+
+def query_cone(sc: DictConfig, ra: float, dec: float, radius_arcmin: float, mag_limit: float,
+               limit: int) -> pd.DataFrame:
+    """The galaxies of a cone on the sky, from the CAS through astroquery, checked."""
+    from astroquery.sdss import SDSS
+
+    sql = cone_query(ra, dec, radius_arcmin, mag_limit, limit)
+    what = f"the SQL query for galaxies within {radius_arcmin}' of ({ra}, {dec})"
+
+    def ask() -> str:
+        response = SDSS.query_sql_async(sql, data_release=int(sc.data_release),
+                                        timeout=float(sc.timeout_s), cache=False)
+        response.raise_for_status()
+        return response.text
+
+    with astroquery_pointed_at(sc):
+        text = with_retries(ask, sc, what)
+    return parse_cas_reply(text, CONE_COLUMNS, limit, what)
 
 
 # --------------------------------------------------------------------------- HTTP
