@@ -37,7 +37,7 @@ from pipeline.inference import TTA_MODES
 from pipeline.models import ModelCommon
 from pipeline.models import registry as model_kinds
 from pipeline.sources import registry as source_kinds
-from pipeline.sources.sdss import SdssJpegConfig
+from pipeline.sources.sdss import ArchiveConfig, validate_archive
 
 log = logging.getLogger(__name__)
 
@@ -140,29 +140,13 @@ class EvaluateConfig:
 
 
 @dataclass
-class RegionSdssConfig:
-    """Where and how ``input=region`` asks SkyServer (as ``data.sdss`` does for fetch)."""
-
-    data_release: int = MISSING
-    skyserver_url: str = MISSING
-    sas_url: str = MISSING
-    timeout_s: float = MISSING
-    retries: int = MISSING
-    backoff_s: float = MISSING
-    concurrency: int = MISSING
-    max_bytes: int = MISSING
-    cache_dir: str = MISSING
-    jpeg: SdssJpegConfig = field(default_factory=SdssJpegConfig)
-
-
-@dataclass
 class RegionConfig:
     ra: float | None = MISSING
     dec: float | None = MISSING
     radius_arcmin: float = MISSING
     mag_limit: float = MISSING
     max_galaxies: int = MISSING
-    sdss: RegionSdssConfig = field(default_factory=RegionSdssConfig)
+    sdss: ArchiveConfig = field(default_factory=ArchiveConfig)
 
 
 @dataclass
@@ -349,31 +333,7 @@ def _validate_region(r: DictConfig) -> None:
              "an r-band Petrosian magnitude in [5, 30]")
     _require(1 <= r.max_galaxies <= 500_000, "region.max_galaxies", r.max_galaxies,
              "an integer in [1, 500000]")
-    sc = r.sdss
-    _require(8 <= sc.data_release <= 19, "region.sdss.data_release", sc.data_release,
-             "an SDSS data release from 8 to 19")
-    for key in ("skyserver_url", "sas_url"):
-        url = str(sc[key])
-        _require(url.startswith(("http://", "https://")) and " " not in url,
-                 f"region.sdss.{key}", url, "an http(s) URL")
-    _require(_in(sc.timeout_s, 0.01, 3600), "region.sdss.timeout_s", sc.timeout_s,
-             "seconds in (0, 3600]")
-    _require(0 <= sc.retries <= 20, "region.sdss.retries", sc.retries, "an integer in [0, 20]")
-    _require(_in(sc.backoff_s, 0, 600), "region.sdss.backoff_s", sc.backoff_s,
-             "seconds in [0, 600]")
-    _require(1 <= sc.concurrency <= 64, "region.sdss.concurrency", sc.concurrency,
-             "1 to 64 requests at once")
-    _require(1024 <= sc.max_bytes <= 2**31, "region.sdss.max_bytes", sc.max_bytes,
-             "bytes in [1024, 2**31]")
-    j = sc.jpeg
-    _require(16 <= j.size <= 2048, "region.sdss.jpeg.size", j.size, "16 to 2048 pixels")
-    _require(j.scale_mode in ("fixed", "petrosian"), "region.sdss.jpeg.scale_mode",
-             j.scale_mode, "'fixed' or 'petrosian'")
-    _require(_in(j.min_scale, 0.01, 100) and _in(j.max_scale, j.min_scale, 100)
-             and _in(j.scale, j.min_scale, j.max_scale) and _in(j.petrosian_factor, 0.1, 100),
-             "region.sdss.jpeg", OmegaConf.to_container(j),
-             "arcsec/pixel scales with 0.01 <= min_scale <= scale <= max_scale <= 100, and a "
-             "petrosian_factor in [0.1, 100]")
+    validate_archive(r.sdss, "region.sdss")
 
 
 def _require_encoding(encoding: str, key: str) -> None:

@@ -208,14 +208,26 @@ def parse_cas_reply(text: str, asked: CasColumns, limit: int, what: str) -> pd.D
     return df
 
 
+def run_sql(sc: DictConfig, sql: str, what: str) -> str:
+    """The CAS's raw reply to ``sql``: ``SDSS.query_sql_async`` (what astroquery's
+    ``query_sql`` wraps) with our deadline and retries, to be checked by the caller."""
+    from astroquery.sdss import SDSS
+
+    def ask() -> str:
+        response = SDSS.query_sql_async(sql, data_release=int(sc.data_release),
+                                        timeout=float(sc.timeout_s), cache=False)
+        response.raise_for_status()
+        return response.text
+
+    with astroquery_pointed_at(sc):
+        return with_retries(ask, sc, what)
+
+
 def query_labels(cfg: DictConfig) -> tuple[pd.DataFrame, list[str]]:
     """Candidates of every class from the CAS, then a seeded sample of ``n_per_class`` each.
 
-    ``SDSS.query_sql_async`` (what astroquery's ``query_sql`` wraps) gives the raw reply, so it
-    is checked here (:func:`parse_cas_reply`) instead of trusted.
+    The raw reply (:func:`run_sql`) is checked (:func:`parse_cas_reply`) instead of trusted.
     """
-    from astroquery.sdss import SDSS
-
     sc = cfg.data.sdss
     spec = GALAXY_ZOO[sc.catalog]
     rng = np.random.default_rng(int(cfg.seed))
@@ -224,16 +236,8 @@ def query_labels(cfg: DictConfig) -> tuple[pd.DataFrame, list[str]]:
         sql = label_query(sc.catalog, label, sc.vote_threshold, sc.candidates_per_class)
         queries.append(sql)
         what = f"the {sc.catalog} SQL query for class {label!r}"
-
-        def ask(sql: str = sql) -> str:
-            response = SDSS.query_sql_async(sql, data_release=int(sc.data_release),
-                                            timeout=float(sc.timeout_s), cache=False)
-            response.raise_for_status()
-            return response.text
-
-        with astroquery_pointed_at(sc):
-            text = with_retries(ask, sc, what)
-        df = parse_cas_reply(text, label_columns(spec), int(sc.candidates_per_class), what)
+        df = parse_cas_reply(run_sql(sc, sql, what), label_columns(spec),
+                             int(sc.candidates_per_class), what)
         if df.empty:
             raise SdssError(f"{what} returned no galaxies; lower data.sdss.vote_threshold "
                             f"({sc.vote_threshold}) or drop the class from data.classes")
@@ -274,20 +278,10 @@ def cone_query(ra: float, dec: float, radius_arcmin: float, mag_limit: float, li
 def query_cone(sc: DictConfig, ra: float, dec: float, radius_arcmin: float, mag_limit: float,
                limit: int) -> pd.DataFrame:
     """The galaxies of a cone on the sky, from the CAS through astroquery, checked."""
-    from astroquery.sdss import SDSS
-
     sql = cone_query(ra, dec, radius_arcmin, mag_limit, limit)
     what = f"the SQL query for galaxies within {radius_arcmin}' of ({ra}, {dec})"
 
-    def ask() -> str:
-        response = SDSS.query_sql_async(sql, data_release=int(sc.data_release),
-                                        timeout=float(sc.timeout_s), cache=False)
-        response.raise_for_status()
-        return response.text
-
-    with astroquery_pointed_at(sc):
-        text = with_retries(ask, sc, what)
-    return parse_cas_reply(text, CONE_COLUMNS, limit, what)
+    return parse_cas_reply(run_sql(sc, sql, what), CONE_COLUMNS, limit, what)
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -607,15 +601,11 @@ class SdssFitsConfig:
 
 
 @dataclass
-class SdssConfig:
-    """``data.sdss`` (values and their reasons: ``conf/data/sdss.yaml``)."""
+class ArchiveConfig:
+    """How SkyServer is asked and its cutouts framed: ``data.sdss`` for fetch, and
+    ``region.sdss`` for predict's patches of sky."""
 
-    catalog: str = MISSING
     data_release: int = MISSING
-    vote_threshold: float = MISSING
-    n_per_class: int = MISSING
-    candidates_per_class: int = MISSING
-    image_type: str = MISSING
     skyserver_url: str = MISSING
     sas_url: str = MISSING
     timeout_s: float = MISSING
@@ -625,7 +615,50 @@ class SdssConfig:
     max_bytes: int = MISSING
     cache_dir: str = MISSING
     jpeg: SdssJpegConfig = field(default_factory=SdssJpegConfig)
+
+
+@dataclass
+class SdssConfig(ArchiveConfig):
+    """``data.sdss`` (values and their reasons: ``conf/data/sdss.yaml``)."""
+
+    catalog: str = MISSING
+    vote_threshold: float = MISSING
+    n_per_class: int = MISSING
+    candidates_per_class: int = MISSING
+    image_type: str = MISSING
     fits: SdssFitsConfig = field(default_factory=SdssFitsConfig)
+
+
+def validate_archive(s: DictConfig, key: str) -> None:
+    """The keys every SkyServer request is built from; ``key`` is where they are set."""
+    require(8 <= s.data_release <= 19, f"{key}.data_release", s.data_release,
+            "an SDSS data release from 8 to 19")
+    for name in ("skyserver_url", "sas_url"):
+        url = str(s[name])
+        require(url.startswith(("http://", "https://")) and " " not in url,
+                f"{key}.{name}", url, "an http(s) URL")
+    require(within(s.timeout_s, 0.01, 3600), f"{key}.timeout_s", s.timeout_s,
+            "seconds in (0, 3600] for each whole request")
+    require(0 <= s.retries <= 20, f"{key}.retries", s.retries, "an integer in [0, 20]")
+    require(within(s.backoff_s, 0, 600), f"{key}.backoff_s", s.backoff_s,
+            "seconds in [0, 600]")
+    require(1 <= s.concurrency <= 64, f"{key}.concurrency", s.concurrency,
+            "1 to 64 requests at once (be polite to the archive)")
+    require(1024 <= s.max_bytes <= 2**31, f"{key}.max_bytes", s.max_bytes,
+            "bytes in [1024, 2**31]")
+    require(bool(str(s.cache_dir).strip()), f"{key}.cache_dir", s.cache_dir,
+            "a folder for downloads")
+    j = s.jpeg
+    require(16 <= j.size <= 2048, f"{key}.jpeg.size", j.size, "16 to 2048 pixels")
+    require(j.scale_mode in ("fixed", "petrosian"), f"{key}.jpeg.scale_mode",
+            j.scale_mode, "'fixed' or 'petrosian'")
+    require(within(j.min_scale, 0.01, 100) and within(j.max_scale, j.min_scale, 100),
+            f"{key}.jpeg.min_scale", j.min_scale,
+            "arcsec/pixel with 0.01 <= min_scale <= max_scale <= 100")
+    require(within(j.scale, j.min_scale, j.max_scale) or j.scale_mode == "petrosian",
+            f"{key}.jpeg.scale", j.scale, "arcsec/pixel within [min_scale, max_scale]")
+    require(within(j.petrosian_factor, 0.1, 100), f"{key}.jpeg.petrosian_factor",
+            j.petrosian_factor, "cutout widths in Petrosian R90 radii, in [0.1, 100]")
 
 
 def validate(d: DictConfig) -> None:
@@ -637,8 +670,6 @@ def validate(d: DictConfig) -> None:
     unknown = [c for c in d.classes if c not in known]
     require(not unknown, "data.classes", list(d.classes),
             f"classes that {s.catalog} can select: {known}")
-    require(8 <= s.data_release <= 19, "data.sdss.data_release", s.data_release,
-            "an SDSS data release from 8 to 19")
     require(0 <= s.vote_threshold <= 1, "data.sdss.vote_threshold", s.vote_threshold,
             "a vote fraction in [0, 1]")
     require(1 <= s.n_per_class <= 500_000, "data.sdss.n_per_class", s.n_per_class,
@@ -649,35 +680,8 @@ def validate(d: DictConfig) -> None:
             "returns at most 500,000 rows)")
     require(s.image_type in ("jpeg", "fits"), "data.sdss.image_type", s.image_type,
             "'jpeg' or 'fits'")
-    for key in ("skyserver_url", "sas_url"):
-        url = str(s[key])
-        require(url.startswith(("http://", "https://")) and " " not in url,
-                 f"data.sdss.{key}", url, "an http(s) URL")
-    require(within(s.timeout_s, 0.01, 3600) and s.timeout_s > 0, "data.sdss.timeout_s",
-            s.timeout_s, "seconds in (0, 3600] for each whole request")
-    require(0 <= s.retries <= 20, "data.sdss.retries", s.retries, "an integer in [0, 20]")
-    require(within(s.backoff_s, 0, 600), "data.sdss.backoff_s", s.backoff_s,
-            "seconds in [0, 600]")
-    require(1 <= s.concurrency <= 64, "data.sdss.concurrency", s.concurrency,
-            "1 to 64 requests at once (be polite to the archive)")
-    require(1024 <= s.max_bytes <= 2**31, "data.sdss.max_bytes", s.max_bytes,
-            "bytes in [1024, 2**31]")
-    require(bool(str(s.cache_dir).strip()), "data.sdss.cache_dir", s.cache_dir,
-            "a folder for downloads")
-    j = s.jpeg
-    require(16 <= j.size <= 2048, "data.sdss.jpeg.size", j.size, "16 to 2048 pixels")
-    require(j.scale_mode in ("fixed", "petrosian"), "data.sdss.jpeg.scale_mode",
-            j.scale_mode, "'fixed' or 'petrosian'")
-    require(within(j.min_scale, 0.01, 100) and within(j.max_scale, j.min_scale, 100),
-            "data.sdss.jpeg.min_scale", j.min_scale,
-            "arcsec/pixel with 0.01 <= min_scale <= max_scale <= 100")
-    require(within(j.scale, j.min_scale, j.max_scale) or j.scale_mode == "petrosian",
-            "data.sdss.jpeg.scale", j.scale, "arcsec/pixel within [min_scale, max_scale]")
-    require(within(j.petrosian_factor, 0.1, 100), "data.sdss.jpeg.petrosian_factor",
-            j.petrosian_factor, "cutout widths in Petrosian R90 radii, in [0.1, 100]")
+    validate_archive(s, "data.sdss")
     require(8 <= s.fits.size <= 1024, "data.sdss.fits.size", s.fits.size, "8 to 1024 pixels")
-
-
 
 
 LABEL_CREDITS = {"gz1": "Galaxy Zoo 1 (Lintott et al. 2008, 2011)",
