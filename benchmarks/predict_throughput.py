@@ -89,17 +89,26 @@ def throughput(root: Path, n: int, size: int, chunk: int) -> dict:
     from pipeline import predict
     from pipeline.artifacts import TrainedModel
     from pipeline.config import CONF_DIR
-    from pipeline.inference import predict_proba
+    from pipeline.inference import TTA_MODES, predict_proba, tta_views
     from pipeline.preprocess import load_images
 
     bundle, images = root / "bundle", root / f"jpeg{n}"
     trained = TrainedModel.load(bundle)
     paths = sorted(images.glob("*.jpeg"))
     x, _, _ = load_images(paths, trained.preprocessing, progress=False)
-    predict_proba(trained.model, x[:256], trained.inference.tta)  # warm-up: graph tracing
+    views = trained.inference.tta
+
+    def by_hand(images: np.ndarray) -> np.ndarray:
+        """What a user would write: model.predict over each view of in-memory tensors."""
+        return sum(trained.model.predict(v, batch_size=256, verbose=0)
+                   for v in tta_views(images, views)) / TTA_MODES[views]
+
+    by_hand(x[:512])  # warm-up: graph tracing
     start = time.perf_counter()
-    predict_proba(trained.model, x, trained.inference.tta, batch_size=256)
+    reference = by_hand(x)
     raw = n / (time.perf_counter() - start)
+    ours = predict_proba(trained.model, x, views)
+    assert np.allclose(ours, reference, atol=1e-5), "the pipeline's forward pass differs"
 
     cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "predict.yaml"), {
         "model_dir": str(bundle), "input": str(images), "output": str(root / "out.csv"),

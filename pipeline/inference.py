@@ -84,14 +84,34 @@ def fit_prior_correction(proba: np.ndarray, labels: np.ndarray, class_weight: di
             "validation_macro_f1": {str(a): round(s, 4) for a, s in scores.items()}}
 
 
+def forward(model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """``model``'s outputs for ``images``, a batch at a time through ``predict_on_batch``.
+
+    ``model.predict`` builds a tf.data pipeline on every call, which costs more than the
+    network itself when a survey is classified a chunk and a view at a time; the last batch is
+    padded to full size, so the traced function is reused instead of traced anew.
+    """
+    n = len(images)
+    if n == 0:
+        return np.zeros((0, *model.output_shape[1:]), dtype=np.float32)
+    outputs = []
+    for start in range(0, n, batch_size):
+        batch = images[start:start + batch_size]
+        if len(batch) < batch_size and n > batch_size:
+            pad = np.zeros((batch_size - len(batch), *batch.shape[1:]), dtype=batch.dtype)
+            batch = np.concatenate([batch, pad])
+        outputs.append(np.asarray(model.predict_on_batch(batch))[:min(batch_size, n - start)])
+    return np.concatenate(outputs)
+
+
 def predict_proba(model, images: np.ndarray, tta: str = "none", batch_size: int = 256,
                   class_factors=None, zoom: float = 1.0) -> np.ndarray:
     """Class probabilities, averaged over the ``tta`` views of each image (magnified by
-    ``zoom``), then prior-corrected by ``class_factors`` (from the model's
-    ``train_summary.json``; None = as trained)."""
+    ``zoom``), then prior-corrected by ``class_factors`` (the model's ``inference.json``;
+    None = as trained)."""
     total = None
     for view in tta_views(images, tta, zoom):
-        p = model.predict(view, batch_size=batch_size, verbose=0)
+        p = forward(model, view, batch_size)
         total = p if total is None else total + p
     return apply_class_factors(total / TTA_MODES[tta], class_factors)
 
@@ -111,8 +131,7 @@ def mc_dropout_probabilities(model, images: np.ndarray, samples: int, batch_size
 
     trunk = keras.Model(model.inputs, model.get_layer("gap").output)
     head = model.layers[model.layers.index(model.get_layer("gap")) + 1:]
-    features = [trunk.predict(v, batch_size=batch_size, verbose=0)
-                for v in tta_views(images, tta, zoom)]
+    features = [forward(trunk, v, batch_size) for v in tta_views(images, tta, zoom)]
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(samples):

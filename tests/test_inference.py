@@ -98,3 +98,15 @@ def test_prior_correction_undoes_class_weights_when_validation_says_so():
     # Without class weights there is nothing to undo.
     assert fit_prior_correction(proba, labels, None, 2)["class_factors"] is None
     assert apply_class_factors(proba, None) is proba
+
+
+def test_batched_forward_pass_equals_model_predict(orientation_sensitive_model):
+    """forward() pads the last batch to reuse the traced function; the answers do not change."""
+    from pipeline.inference import forward
+
+    model = orientation_sensitive_model
+    x = np.random.default_rng(2).uniform(-1, 1, size=(10, 8, 8, 3)).astype(np.float32)
+    expected = model.predict(x, verbose=0)
+    for batch in (1, 4, 10, 64):
+        np.testing.assert_allclose(forward(model, x, batch), expected, atol=1e-6)
+    assert forward(model, x[:0], 4).shape == (0, 3)
