@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,7 +159,12 @@ def resume(root: Path, n: int, chunk: int) -> dict:
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     done = len(list(parts.glob("chunk-*.csv")))
-    _, rerun = peak_rss_mb(predict_args(root / "bundle", images, out, chunk))
+    start = time.perf_counter()
+    again = subprocess.run([sys.executable, "-m", "pipeline.predict",
+                            *predict_args(root / "bundle", images, out, chunk)],
+                           capture_output=True, text=True, check=True)
+    rerun = time.perf_counter() - start
+    redone = re.search(r"(\d+) images in (\d+) chunk", again.stdout + again.stderr)
     same = pd.read_csv(out).equals(pd.read_csv(root / "full.csv"))
     # The rerun pays the process start-up (TensorFlow import, model load) again: compare the
     # classification work, the wall time less a start-up measured on an empty input.
@@ -167,6 +173,8 @@ def resume(root: Path, n: int, chunk: int) -> dict:
     _, startup = peak_rss_mb(predict_args(root / "bundle", empty, root / "one.csv", chunk))
     remaining = (total - done) / total
     return {"chunks": total, "finished before the kill": done,
+            "images classified by the rerun": int(redone.group(1)),
+            "images left after the kill": n - min(n, done * chunk),
             "uninterrupted wall s": round(full, 1), "rerun wall s": round(rerun, 1),
             "start-up s": round(startup, 1),
             "rerun work / remaining share of full work": round(
