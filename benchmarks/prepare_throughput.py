@@ -54,7 +54,8 @@ def batched(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
     cfg = validate(compose()).augment
     norm = normalize_flux(images, 3.0, 99.5)
-    return np.concatenate([random_augment(norm[s:s + 512], cfg, rng)
+    seed = int(rng.integers(2**31))
+    return np.concatenate([np.asarray(random_augment(norm[s:s + 512], cfg, [seed, s]))
                            for s in range(0, len(norm), 512)])
 
 

@@ -2,6 +2,16 @@
 
     python benchmarks/train_throughput.py [--images 6000] [--size 64] [--epochs 3]
     python benchmarks/train_throughput.py --memory   # peak RSS at N and 4N training images
+    python benchmarks/train_throughput.py --experiment gz1 --prepared /tmp/gz1/prepared \
+        [--images 768] [--epochs 3]   # what users run: both gz1 models, on-the-fly augmentation
+
+``--experiment gz1`` builds each model as ``experiment=gz1`` does (the CNN; the transfer
+model in its frozen and its fine-tuning phase) and trains it for a few epochs (a) through
+``pipeline.train.make_dataset`` with on-the-fly augmentation and the experiment's class
+balance, and (b) with plain ``model.fit`` on in-memory float32 tensors augmented beforehand.
+For each it prints images/s of the epochs after the first, the ratio, the CPU cores busy
+(process CPU time over wall time) and minor page faults per image. The prepared gz1 split
+comes from ``python -m pipeline.prepare experiment=gz1 paths.prepared=...``.
 
 Throughput: the default CNN trained for a few epochs (a) with ``model.fit`` on in-memory
 float32 tensors and (b) through ``pipeline.train.make_dataset`` reading the prepared ``.npy``
@@ -119,6 +129,80 @@ def memory(n: int, size: int) -> None:
           "(target <= 1.3x)")
 
 
+def measured_fit(model, data, epochs: int, n: int, **kwargs) -> dict:
+    """images/s, CPU cores busy and minor page faults per image, over the epochs after the
+    first (which traces the graph)."""
+    import keras
+
+    marks: list[tuple[float, float, int]] = []
+
+    def mark() -> None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        marks.append((time.perf_counter(), usage.ru_utime + usage.ru_stime, usage.ru_minflt))
+
+    class Meter(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            mark()
+
+    model.fit(*data, epochs=epochs, verbose=0, callbacks=[Meter()], **kwargs)
+    (t0, c0, f0), (t1, c1, f1) = marks[0], marks[-1]
+    images = n * (len(marks) - 1)
+    return {"images/s": round(images / (t1 - t0), 1), "cores": round((c1 - c0) / (t1 - t0), 2),
+            "page faults/image": round((f1 - f0) / images, 1)}
+
+
+def experiment(name: str, prepared: Path, n: int, epochs: int, weights: str | None) -> None:
+    import keras
+    from omegaconf import OmegaConf
+
+    from pipeline.artifacts import load_split
+    from pipeline.augment import augment_copies
+    from pipeline.config import compose, model_train_config, validate
+    from pipeline.models import build_model, set_trainable_from
+    from pipeline.train import class_balance_weights, make_dataset
+
+    overrides = [f"experiment={name}"]
+    if weights:
+        overrides.append(f"models.transfer.weights={weights}")
+    cfg = validate(compose(overrides))
+    split = load_split(prepared, "train", stream=True)
+    rows = np.arange(min(n, len(split["labels"])))
+    labels = split["labels"][rows]
+    images16 = split["images"][rows]
+    augmented = augment_copies(images16.astype(np.float32),
+                               OmegaConf.merge(cfg.augment, {"copies": 1}), seed=0)[0]
+    print(f"experiment={name}: {len(rows)} training images at {images16.shape[1]} px, "
+          f"{epochs} epochs (first not timed)")
+    for model_name, phase in (("cnn", "train"), ("transfer", "feature_extraction"),
+                              ("transfer", "fine_tuning")):
+        t = model_train_config(cfg, model_name)
+        weights_by_class = class_balance_weights(t.class_weight, labels)
+        class_weight = weights_by_class if t.class_weight == "balanced" else None
+        results = {}
+        for path in ("raw model.fit", "pipeline.train"):
+            keras.utils.set_random_seed(0)
+            built = build_model(cfg.models[model_name], tuple(images16.shape[1:]), 3, t,
+                                model_name)
+            if phase == "fine_tuning":
+                set_trainable_from(built.model, built.backbone_name, built.phases[1].trainable_from)
+            built.model.compile(optimizer=keras.optimizers.Adam(1e-4), metrics=["accuracy"],
+                                loss="sparse_categorical_crossentropy")
+            if path == "raw model.fit":
+                results[path] = measured_fit(built.model, (augmented, labels), epochs,
+                                             len(rows), batch_size=int(t.batch_size),
+                                             shuffle=True, class_weight=class_weight)
+            else:
+                ds = make_dataset(split["images"], split["labels"][:len(rows)],
+                                  int(t.batch_size), True, 0, augment=cfg.augment,
+                                  balanced=t.class_weight == "resample")
+                results[path] = measured_fit(built.model, (ds,), epochs, len(rows),
+                                             class_weight=class_weight)
+        raw, ours = results["raw model.fit"], results["pipeline.train"]
+        print(json.dumps({"model": model_name, "phase": phase, **{
+            f"{k} ({path})": v for path, r in results.items() for k, v in r.items()},
+            "ratio": round(ours["images/s"] / raw["images/s"], 3)}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=6000)
@@ -126,8 +210,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--one-memory-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--experiment", help="benchmark an experiment's models, e.g. gz1")
+    parser.add_argument("--prepared", type=Path, help="its prepared split (prepare stage)")
+    parser.add_argument("--weights", help="ImageNet weights file for the transfer model",
+                        default=str(Path(__file__).resolve().parents[2] / "shared" / "weights"
+                                    / "mobilenet_v2_alpha1.0_224_imagenet_no_top.h5"))
     args = parser.parse_args()
-    if args.one_memory_run:
+    if args.experiment:
+        experiment(args.experiment, args.prepared, args.images, args.epochs, args.weights)
+    elif args.one_memory_run:
         one_memory_run(args.one_memory_run, args.size)
     elif args.memory:
         memory(args.images, args.size)

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,16 +53,20 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, s
     images from ``x``, which may be a :class:`pipeline.io.NpyRows` reading rows from disk:
     only the batches in flight are in memory.
     Batches are cast to float32 and prefetched so the model never waits on input. With
-    ``augment`` (``augment.mode: on_the_fly``) every batch gets fresh random copies drawn by
-    :func:`pipeline.augment.random_augment`. With ``balanced`` (``train.class_weight:
-    resample``) each epoch draws its ``len(y)`` images with replacement so that every class
-    comes up equally often: rare classes are seen more often, each time (with on-the-fly
-    augmentation) as a new random copy.
+    ``augment`` (``augment.mode: on_the_fly``) every batch gets fresh random copies from
+    :func:`pipeline.augment.random_augment`, TensorFlow ops seeded per batch and epoch: they
+    run on every core in parallel, and the same seed gives the same copies. With ``balanced``
+    (``train.class_weight: resample``) each epoch draws its ``len(y)`` images with replacement
+    so that every class comes up equally often: rare classes are seen more often, each time
+    (with on-the-fly augmentation) as a new random copy.
     """
+    import itertools
+
     import tensorflow as tf
 
     n = len(y)
     order_rng = np.random.default_rng(seed)
+    epochs = itertools.count()
     draw_p = None
     if balanced:
         counts = np.bincount(y)
@@ -71,40 +74,35 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, s
         draw_p /= draw_p.sum()
 
     def batches():
+        epoch = next(epochs)
         if draw_p is not None:
             order = order_rng.choice(n, size=n, replace=True, p=draw_p)
         elif shuffle:
             order = order_rng.permutation(n)
         else:
             order = np.arange(n)
-        for start in range(0, n, batch_size):
+        for number, start in enumerate(range(0, n, batch_size)):
             idx = np.sort(order[start:start + batch_size])  # sorted: sequential disk reads
-            yield np.asarray(x[idx]), np.asarray(y[idx], dtype=np.int32)
+            yield (np.asarray(x[idx]), np.asarray(y[idx], dtype=np.int32),
+                   np.int64(epoch * 1_000_000 + number))
 
     spec = (tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
-            tf.TensorSpec((None,), tf.int32))
+            tf.TensorSpec((None,), tf.int32), tf.TensorSpec((), tf.int64))
     ds = tf.data.Dataset.from_generator(batches, output_signature=spec)
     # A generator has no known length; telling tf.data lets Keras count steps per epoch.
     ds = ds.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
-    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE)
-    if augment is not None:
+    if augment is None:
+        ds = ds.map(lambda a, b, _: (tf.cast(a, tf.float32), b),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    else:
         from pipeline.augment import random_augment
 
-        rng = np.random.default_rng(seed + 1)
-        lock = threading.Lock()
+        def apply(a, b, batch_seed):
+            copy = random_augment(a, augment, tf.stack([tf.constant(seed + 1, tf.int64),
+                                                         batch_seed]))
+            return tf.ensure_shape(copy, a.shape), b
 
-        def draw(batch: np.ndarray) -> np.ndarray:
-            with lock:  # one generator for all tf.data threads: draws stay independent
-                batch_rng = np.random.default_rng(rng.integers(2**63))
-            return random_augment(batch, augment, batch_rng).astype(np.float32)
-
-        def apply(a, b):
-            out = tf.numpy_function(draw, [a], tf.float32)
-            out.set_shape(a.shape)
-            return out, b
-
-        ds = ds.map(apply, num_parallel_calls=1 if deterministic else tf.data.AUTOTUNE,
-                    deterministic=deterministic)
+        ds = ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
