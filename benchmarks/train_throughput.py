@@ -151,7 +151,8 @@ def measured_fit(model, data, epochs: int, n: int, **kwargs) -> dict:
             "page faults/image": round((f1 - f0) / images, 1)}
 
 
-def experiment(name: str, prepared: Path, n: int, epochs: int, weights: str | None) -> None:
+def experiment(name: str, prepared: Path, n: int, epochs: int, weights: str | None,
+               rows_wanted: list[str]) -> None:
     import keras
     from omegaconf import OmegaConf
 
@@ -175,11 +176,13 @@ def experiment(name: str, prepared: Path, n: int, epochs: int, weights: str | No
           f"{epochs} epochs (first not timed)")
     for model_name, phase in (("cnn", "train"), ("transfer", "feature_extraction"),
                               ("transfer", "fine_tuning")):
+        if phase not in rows_wanted and model_name not in rows_wanted:
+            continue
         t = model_train_config(cfg, model_name)
         weights_by_class = class_balance_weights(t.class_weight, labels)
         class_weight = weights_by_class if t.class_weight == "balanced" else None
         results = {}
-        for path in ("raw model.fit", "pipeline.train"):
+        for path in ("raw model.fit", "pipeline.train", "pipeline.train, streamed from disk"):
             keras.utils.set_random_seed(0)
             built = build_model(cfg.models[model_name], tuple(images16.shape[1:]), 3, t,
                                 model_name)
@@ -194,7 +197,8 @@ def experiment(name: str, prepared: Path, n: int, epochs: int, weights: str | No
             else:
                 ds = make_dataset(split["images"], split["labels"][:len(rows)],
                                   int(t.batch_size), True, 0, augment=cfg.augment,
-                                  balanced=t.class_weight == "resample")
+                                  balanced=t.class_weight == "resample",
+                                  hold_in_memory=None if path == "pipeline.train" else False)
                 results[path] = measured_fit(built.model, (ds,), epochs, len(rows),
                                              class_weight=class_weight)
         raw, ours = results["raw model.fit"], results["pipeline.train"]
@@ -212,12 +216,16 @@ def main() -> None:
     parser.add_argument("--one-memory-run", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--experiment", help="benchmark an experiment's models, e.g. gz1")
     parser.add_argument("--prepared", type=Path, help="its prepared split (prepare stage)")
+    parser.add_argument("--rows", nargs="+", default=["cnn", "transfer"],
+                        help="cnn, transfer, or one transfer phase (feature_extraction, "
+                             "fine_tuning)")
     parser.add_argument("--weights", help="ImageNet weights file for the transfer model",
                         default=str(Path(__file__).resolve().parents[2] / "shared" / "weights"
                                     / "mobilenet_v2_alpha1.0_224_imagenet_no_top.h5"))
     args = parser.parse_args()
     if args.experiment:
-        experiment(args.experiment, args.prepared, args.images, args.epochs, args.weights)
+        experiment(args.experiment, args.prepared, args.images, args.epochs, args.weights,
+                   args.rows)
     elif args.one_memory_run:
         one_memory_run(args.one_memory_run, args.size)
     elif args.memory:

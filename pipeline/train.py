@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -44,9 +45,19 @@ from pipeline.models.transfer import backbone_weights
 log = logging.getLogger(__name__)
 
 
+def in_memory(x) -> bool:
+    """Whether a split is small enough to hold in memory while training: at most a quarter of
+    this machine's memory (the rest is the model's, and the validation split's)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: stream from disk
+        return False
+    return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize <= total // 4
+
+
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int,
                  augment: DictConfig | None = None, deterministic: bool = False,
-                 balanced: bool = False):
+                 balanced: bool = False, hold_in_memory: bool | None = None):
     """A tf.data pipeline that streams batches from the prepared arrays on disk.
 
     Every epoch draws a new permutation (a global shuffle, no buffer) and gathers each batch's
@@ -73,7 +84,7 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, s
         draw_p = 1.0 / counts[y]
         draw_p /= draw_p.sum()
 
-    def batches():
+    def batches(gather: bool = True):
         epoch = next(epochs)
         if draw_p is not None:
             order = order_rng.choice(n, size=n, replace=True, p=draw_p)
@@ -83,12 +94,31 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, s
             order = np.arange(n)
         for number, start in enumerate(range(0, n, batch_size)):
             idx = np.sort(order[start:start + batch_size])  # sorted: sequential disk reads
-            yield (np.asarray(x[idx]), np.asarray(y[idx], dtype=np.int32),
-                   np.int64(epoch * 1_000_000 + number))
+            seed_of_batch = np.int64(epoch * 1_000_000 + number)
+            if gather:
+                yield np.asarray(x[idx]), np.asarray(y[idx], dtype=np.int32), seed_of_batch
+            else:
+                yield idx, None, seed_of_batch
 
-    spec = (tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
-            tf.TensorSpec((None,), tf.int32), tf.TensorSpec((), tf.int64))
-    ds = tf.data.Dataset.from_generator(batches, output_signature=spec)
+    if in_memory(x) if hold_in_memory is None else hold_in_memory:
+        # The split fits in memory: hold it as one tensor and let the generator hand out only
+        # row numbers; every batch is gathered inside the graph, with no Python buffer per
+        # batch (docs/benchmarks.md, "Training input pipeline").
+        images = tf.constant(np.asarray(x[np.arange(n)]))
+        labels = tf.constant(np.asarray(y, dtype=np.int32))
+
+        def rows():
+            for idx, _, batch_seed in batches(gather=False):
+                yield idx, batch_seed
+
+        ds = tf.data.Dataset.from_generator(rows, output_signature=(
+            tf.TensorSpec((None,), tf.int64), tf.TensorSpec((), tf.int64)))
+        ds = ds.map(lambda idx, s: (tf.gather(images, idx), tf.gather(labels, idx), s),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        spec = (tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
+                tf.TensorSpec((None,), tf.int32), tf.TensorSpec((), tf.int64))
+        ds = tf.data.Dataset.from_generator(batches, output_signature=spec)
     # A generator has no known length; telling tf.data lets Keras count steps per epoch.
     ds = ds.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
     if augment is None:
@@ -134,16 +164,14 @@ def epoch_stats_callback(phase: int, n_images: int):
 def distribution_strategy(name: str):
     """``tf.distribute`` strategy from ``train.strategy``.
 
-    ``mirrored`` replicates the model on every GPU of this machine; ``multi_worker`` on every
-    worker of a cluster described by the ``TF_CONFIG`` environment variable (one process per
-    worker). ``train.batch_size`` is the global batch, split across replicas.
+    ``mirrored`` replicates the model on every GPU of this machine; ``train.batch_size`` is
+    the global batch, split across replicas. (Multi-worker training is refused by the config
+    checks: Keras 3's ``fit`` does not run under ``MultiWorkerMirroredStrategy``.)
     """
     import tensorflow as tf
 
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
 
 

@@ -194,3 +194,51 @@ def test_ema_momentum_out_of_range_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"'train.ema_momentum' = 1.0 is invalid: a momentum "
                                          r"in \[0, 1\)"):
         tiny_config(tmp_path, "train.ema_momentum=1.0")
+
+
+def test_multi_worker_training_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(ValueError, match=r"'train.strategy' = 'multi_worker' is invalid: .*"
+                                         r"keras-team/keras#20585"):
+        tiny_config(tmp_path, "train.strategy=multi_worker")
+
+
+MULTI_WORKER_FIT = """
+import numpy as np, tensorflow as tf, keras
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+with strategy.scope():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+ds = tf.data.Dataset.from_tensor_slices((x, np.arange(64) % 3)).batch(16)
+model.fit(ds, epochs=1, verbose=0)
+print("weights", float(model.get_weights()[0].sum()))
+"""
+
+
+@pytest.mark.slow
+def test_keras_multi_worker_fit_still_fails_upstream(tmp_path):
+    """Two real workers on 127.0.0.1 (TF_CONFIG, CPU). If this starts to pass, Keras has fixed
+    keras-team/keras#20585: allow train.strategy=multi_worker again."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    script = tmp_path / "fit.py"
+    script.write_text(MULTI_WORKER_FIT)
+    workers = [subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={**os.environ, "TF_CONFIG": json.dumps({
+            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+            "task": {"type": "worker", "index": i}})}) for i in range(2)]
+    outputs = [w.communicate(timeout=240)[0] for w in workers]
+    assert all(w.returncode != 0 and "PerReplica" in out for w, out in
+               zip(workers, outputs, strict=True)), (
+        "Keras multi-worker fit now runs: re-enable train.strategy=multi_worker\n"
+        + "\n".join(o[-1500:] for o in outputs))
