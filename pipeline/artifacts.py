@@ -219,11 +219,22 @@ class PriorCorrection:
 
 
 @dataclass
+class ConformalSets:
+    """Class-conditional split-conformal prediction sets (:mod:`pipeline.calibration`): a class
+    is in a galaxy's set when its probability reaches that class's threshold."""
+
+    level: float  # the coverage each class's galaxies get, at least
+    thresholds: list[float]
+    method: str = "class-conditional least-ambiguous sets"
+
+
+@dataclass
 class InferenceSettings(Record):
     """``inference.json``: how the model is applied, one decision chosen on validation.
 
-    The test-time views and the prior correction fitted for exactly those views; the model's
-    digest ties them to the network they were fitted for.
+    The test-time views, the prior correction fitted for exactly those views, the temperature
+    that calibrates the corrected probabilities and the conformal thresholds on top of them;
+    the model's digest ties them to the network they were fitted for.
     """
 
     FILE: typing.ClassVar[str] = INFERENCE_NAME
@@ -234,6 +245,8 @@ class InferenceSettings(Record):
     prior_correction: PriorCorrection
     model_sha256: str
     fitted_on: str = "validation"
+    temperature: float = 1.0
+    conformal: ConformalSets | None = None
 
 
 @dataclass
@@ -274,7 +287,12 @@ class Metrics(Record):
     tta_zoom: float
     prior_correction_alpha: float
     prior_correction: str
-    ece: float | None = None
+    ece: float | None = None  # after calibration: what predict's probabilities carry
+    ece_before_calibration: float | None = None
+    temperature: float = 1.0
+    # Test coverage and mean set size of the conformal sets, overall ("all") and by true class.
+    conformal_level: float | None = None
+    conformal: dict[str, dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
         self.per_class = {c: v if isinstance(v, ClassScores) else ClassScores(**v)
@@ -397,6 +415,19 @@ class TrainedModel:
     def with_inference(self, inference: InferenceSettings) -> TrainedModel:
         return dataclasses.replace(self, inference=inference)
 
+    def calibrate(self, proba: np.ndarray) -> np.ndarray:
+        """The fitted temperature applied to prior-corrected probabilities."""
+        from pipeline.calibration import apply_temperature
+
+        return apply_temperature(proba, self.inference.temperature)
+
+    def prediction_sets(self, proba: np.ndarray) -> np.ndarray | None:
+        """The conformal set of each galaxy as a boolean (N, classes) mask, or None."""
+        from pipeline.calibration import prediction_sets
+
+        sets = self.inference.conformal
+        return None if sets is None else prediction_sets(proba, sets.thresholds)
+
     def _settings(self, tta: str | None, zoom: float | None) -> tuple[str, float, Any]:
         if self.inference is None:
             raise MissingInputError(f"{self.folder / INFERENCE_NAME}: not found; run the "
@@ -411,7 +442,8 @@ class TrainedModel:
         from pipeline.inference import predict_proba
 
         tta, zoom, factors = self._settings(tta, zoom)
-        return predict_proba(self.model, images, tta, batch_size, factors, zoom=zoom)
+        return self.calibrate(predict_proba(self.model, images, tta, batch_size, factors,
+                                            zoom=zoom))
 
     def mc_dropout(self, images: np.ndarray, samples: int, batch_size: int, seed: int,
                    tta: str | None = None, zoom: float | None = None) -> np.ndarray:
@@ -419,8 +451,8 @@ class TrainedModel:
         from pipeline.inference import mc_dropout_probabilities
 
         tta, zoom, factors = self._settings(tta, zoom)
-        return mc_dropout_probabilities(self.model, images, samples, batch_size, seed, tta,
-                                        factors, zoom=zoom)
+        return self.calibrate(mc_dropout_probabilities(self.model, images, samples, batch_size,
+                                                       seed, tta, factors, zoom=zoom))
 
 
 def save_config(cfg: DictConfig, folder: Path) -> None:

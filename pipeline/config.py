@@ -143,6 +143,8 @@ class EvaluateConfig:
     tta: str = MISSING
     tta_zoom: float = MISSING
     prior_correction: str = MISSING
+    calibration: str = MISSING
+    conformal_level: float = MISSING
 
 
 @dataclass
@@ -427,6 +429,11 @@ def _validate_evaluate(ev: DictConfig) -> None:
              is not None, "evaluate.prior_correction", ev.prior_correction,
              "'fit' (undo part of the class weights, alpha chosen on validation macro-F1), "
              "'none', or a fixed alpha in [0, 1]")
+    _require(ev.calibration in ("temperature", "none"), "evaluate.calibration", ev.calibration,
+             "'temperature' (one temperature fitted on validation) or 'none'")
+    _require(ev.conformal_level == 0 or _in(ev.conformal_level, 0.5, 0.999),
+             "evaluate.conformal_level", ev.conformal_level,
+             "a coverage in [0.5, 0.999], or 0 for no prediction sets")
 
 
 def _validate_model(cfg: DictConfig, name: str, mc: DictConfig) -> None:

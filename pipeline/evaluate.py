@@ -23,6 +23,7 @@ from pipeline.artifacts import (
     HISTORY_NAME,
     MODEL_NAME,
     PREDICTIONS_NAME,
+    ConformalSets,
     InferenceSettings,
     Layout,
     Metrics,
@@ -32,10 +33,18 @@ from pipeline.artifacts import (
     file_sha256,
     load_split,
 )
+from pipeline.calibration import (
+    apply_temperature,
+    coverage_by_class,
+    fit_conformal,
+    fit_temperature,
+    set_labels,
+)
 from pipeline.config import stage_main
 from pipeline.inference import (
     PRIOR_CORRECTION_GRID,
     TTA_MODES,
+    apply_class_factors,
     fit_prior_correction,
     predict_proba,
 )
@@ -46,22 +55,36 @@ log = logging.getLogger(__name__)
 
 
 def fit_inference(trained: TrainedModel, val: dict, ev: DictConfig) -> InferenceSettings:
-    """The test-time views ``ev`` asks for, and the prior correction chosen for exactly those
-    views on the validation split (:func:`pipeline.inference.fit_prior_correction`)."""
+    """Everything about how the model is applied, chosen on the validation split in order:
+    the test-time views ``ev`` asks for; the prior correction for exactly those views
+    (:func:`pipeline.inference.fit_prior_correction`); a temperature for the corrected
+    probabilities; the conformal thresholds on the calibrated ones
+    (:mod:`pipeline.calibration`)."""
     how = str(ev.prior_correction)
     weights = trained.summary.class_balance_weights
+    labels = val["labels"]
+    raw = predict_proba(trained.model, val["images"].astype(np.float32), ev.tta,
+                        zoom=float(ev.tta_zoom))
     correction = PriorCorrection(how=how)
     if how != "none" and weights is not None:
-        proba = predict_proba(trained.model, val["images"].astype(np.float32), ev.tta,
-                              zoom=float(ev.tta_zoom))
         grid = PRIOR_CORRECTION_GRID if how == "fit" else (float(how),)
-        fitted = fit_prior_correction(proba, val["labels"], dict(enumerate(weights)),
+        fitted = fit_prior_correction(raw, labels, dict(enumerate(weights)),
                                       trained.scheme.n_classes, grid)
         correction = PriorCorrection(how=how, **fitted)
         log.info("prior correction: alpha %.2f (validation macro-F1 by alpha: %s)",
                  correction.alpha, correction.validation_macro_f1)
+    proba = apply_class_factors(raw, correction.class_factors)
+    temperature = fit_temperature(proba, labels) if ev.calibration == "temperature" else 1.0
+    proba = apply_temperature(proba, temperature)
+    conformal = None
+    if ev.conformal_level > 0:
+        conformal = ConformalSets(level=float(ev.conformal_level),
+                                  thresholds=fit_conformal(proba, labels, ev.conformal_level))
+    log.info("calibration: temperature %.3f; conformal thresholds %s", temperature,
+             None if conformal is None else [round(t, 3) for t in conformal.thresholds])
     return InferenceSettings(tta=str(ev.tta), tta_zoom=float(ev.tta_zoom),
-                             prior_correction=correction,
+                             prior_correction=correction, temperature=temperature,
+                             conformal=conformal,
                              model_sha256=file_sha256(trained.folder / MODEL_NAME))
 
 
@@ -116,6 +139,8 @@ def run(cfg: DictConfig, name: str | None = None) -> Metrics:
     summary = trained.summary
     correction = inference.prior_correction
     bins = calibration_bins(y, proba)
+    uncalibrated = calibration_bins(y, apply_temperature(proba, 1 / inference.temperature))
+    sets = trained.prediction_sets(proba)
     result = Metrics(
         **classification_metrics(y, proba, scheme),
         model=name,
@@ -133,12 +158,18 @@ def run(cfg: DictConfig, name: str | None = None) -> Metrics:
         prior_correction_alpha=correction.alpha,
         prior_correction=correction.how,
         ece=bins.ece,
+        ece_before_calibration=uncalibrated.ece,
+        temperature=inference.temperature,
+        conformal_level=None if sets is None else inference.conformal.level,
+        conformal=None if sets is None else coverage_by_class(sets, y, list(scheme.classes)),
     )
 
     predictions = pd.DataFrame({"objid": test["objid"], "actual": scheme.decode(y),
                                 "predicted": scheme.decode(proba.argmax(axis=1))})
     for k, c in enumerate(scheme.classes):
         predictions[f"p_{c}"] = proba[:, k]
+    if sets is not None:
+        predictions["prediction_set"] = set_labels(sets, list(scheme.classes))
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / PREDICTIONS_NAME, key="paths.reports") as tmp:
         predictions.to_csv(tmp, index=False)

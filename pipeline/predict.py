@@ -46,6 +46,7 @@ from pipeline.artifacts import (
     file_sha256,
     load_trained_config,
 )
+from pipeline.calibration import set_labels
 from pipeline.catalog import read_csv_catalog
 from pipeline.config import stage_main, validate_predict
 from pipeline.errors import PipelineError
@@ -223,9 +224,10 @@ class Parts:
             result.to_csv(tmp, index=False)
 
     def read(self, chunks: list[int]) -> pd.DataFrame:
-        parts = pd.concat([pd.read_csv(self.path(k), dtype={"skipped": str, "predicted": str})
-                           for k in chunks], ignore_index=True)
-        return parts.fillna({"skipped": "", "predicted": ""})
+        text = {"skipped": str, "predicted": str, "prediction_set": str}
+        parts = pd.concat([pd.read_csv(self.path(k), dtype=text) for k in chunks],
+                          ignore_index=True)
+        return parts.fillna({c: "" for c in text if c in parts.columns})
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -274,6 +276,12 @@ def classify_chunk(trained: TrainedModel, chunk: int, rows: np.ndarray, images: 
         result["entropy"] = -(proba * np.log(np.clip(proba, 1e-12, 1))).sum(axis=1)
     result.loc[~kept, "entropy"] = np.nan
     result["mc_dropout_std"] = spread
+    if trained.inference.conformal is not None:
+        sets = np.zeros(proba.shape, dtype=bool)
+        if kept.any():
+            sets[kept] = trained.prediction_sets(proba[kept])
+        result["prediction_set"] = np.where(kept, set_labels(sets, classes), "")
+        result["set_size"] = sets.sum(axis=1)
     return result
 
 
@@ -312,6 +320,8 @@ COLUMN_TEXT = {
     "entropy": ("", "predictive entropy of the class probabilities, in nats (natural log)"),
     "mc_dropout_std": ("", "spread of the winning class's probability over Monte Carlo "
                            "dropout passes"),
+    "prediction_set": ("", "conformal prediction set: the classes it may be, '|'-separated"),
+    "set_size": ("", "number of classes in the prediction set"),
 }
 
 
@@ -366,6 +376,8 @@ def provenance(trained: TrainedModel, s: Settings) -> dict:
     return {"MODEL": str(trained.folder), "MODELSHA": file_sha256(trained.folder / MODEL_NAME)[:16],
             "CLASSES": ",".join(trained.scheme.classes), "TTA": s.tta, "TTAZOOM": s.zoom,
             "PRIORALP": correction.alpha, "MCDROP": s.mc_samples,
+            "TEMPERAT": trained.inference.temperature,
+            "CONFLEV": trained.inference.conformal.level if trained.inference.conformal else 0,
             "PIPEVER": __version__, "DATE": dt.datetime.now(dt.timezone.utc).isoformat(
                 timespec="seconds")}
 

@@ -38,7 +38,9 @@ def test_predict_on_a_catalog_reproduces_evaluate(trained_tiny, tmp_path):
     on_disk = pd.read_csv(tmp_path / "preds.csv", dtype={"objid": str})
     # The catalog's own columns first, then what the model says.
     assert list(on_disk.columns) == [*catalog.columns, "path", "predicted", "p_elliptical",
-                                     "p_spiral", "p_edge_on", "entropy", "mc_dropout_std"]
+                                     "p_spiral", "p_edge_on", "entropy", "mc_dropout_std",
+                                     "prediction_set", "set_size"]
+    assert (on_disk["set_size"] == on_disk["prediction_set"].str.count(r"\|") + 1).all()
     assert on_disk["objid"].tolist() == test_rows["objid"].tolist()
     assert on_disk["path"].tolist() == [str(Path(cfg.paths.raw) / f) for f in test_rows["file"]]
     # Same preprocessing as training: the same probabilities evaluate found (float16 storage aside).
@@ -59,9 +61,15 @@ def test_predict_on_a_catalog_reproduces_evaluate(trained_tiny, tmp_path):
     # The same bundle on the same pixels: evaluate's probabilities, to float precision.
     bundle = TrainedModel.load(Path(cfg.paths.models) / "cnn")
     test = load_split(Path(cfg.paths.prepared), "test")
-    np.testing.assert_allclose(bundle.predict_proba(test["images"].astype(np.float32)),
+    bundle_proba = bundle.predict_proba(test["images"].astype(np.float32))
+    np.testing.assert_allclose(bundle_proba,
                                evaluated[["p_elliptical", "p_spiral", "p_edge_on"]].astype(float),
                                atol=1e-6)
+    # ... and the conformal sets it scored (calibrated probabilities, fitted thresholds).
+    from pipeline.calibration import set_labels
+
+    assert set_labels(bundle.prediction_sets(bundle_proba), list(bundle.scheme.classes)) == (
+        evaluated["prediction_set"].tolist())
     single = predict.run(predict_cfg(model_dir=str(Path(cfg.paths.models) / "cnn"),
                                      input=str(user_catalog), image_column="path", tta="none",
                                      output=str(tmp_path / "one.csv"), mc_dropout_samples=0))
@@ -188,8 +196,8 @@ def test_tables_carry_the_catalog_columns_units_and_provenance(trained_tiny, tmp
                             image_column="file", output=str(out), mc_dropout_samples=0))
     table = Table.read(out)
     assert table.colnames[:5] == ["objid", "ra", "dec", "label", "file"]
-    assert table.colnames[-6:] == ["predicted", "p_elliptical", "p_spiral", "p_edge_on",
-                                   "entropy", "mc_dropout_std"]
+    assert table.colnames[-8:] == ["predicted", "p_elliptical", "p_spiral", "p_edge_on",
+                                   "entropy", "mc_dropout_std", "prediction_set", "set_size"]
     assert len(table) == 24 and table["ra"].unit == "deg" and table["dec"].unit == "deg"
     assert table["ra"].dtype.kind == "f" and table["r_eff_arcsec"].dtype.kind == "f"
     assert " ".join(table["entropy"].description.split()).endswith("in nats (natural log)")
