@@ -161,6 +161,7 @@ class RegionConfig:
 class PredictConfig:
     """``conf/predict.yaml``: applying a trained model to new images."""
 
+    model: str | None = MISSING
     model_dir: str = MISSING
     input: str = MISSING
     image_column: str = MISSING

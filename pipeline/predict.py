@@ -1,6 +1,7 @@
 """Classify a survey: apply a trained model to a catalog, a folder of images or a patch of sky.
 
     python -m pipeline.predict model_dir=models/transfer input=survey.csv output=morph.fits
+    python -m pipeline.predict model=gz1-transfer-v1 input=cutouts/ output=morph.csv
     python -m pipeline.predict model_dir=models/transfer input=region region.ra=185.0 \\
         region.dec=15.8 region.radius_arcmin=10 output=field.vot
     python -m pipeline.predict -m hydra/launcher=parallel shard=0,1,2,3 num_shards=4 ...
@@ -62,6 +63,7 @@ from pipeline.io import (
     is_within,
 )
 from pipeline.preprocess import load_images
+from pipeline.release import release_dir
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +389,7 @@ def run(cfg: DictConfig) -> pd.DataFrame | None:
     """Classify this shard's chunks; the shard that finishes the last chunk writes the table
     (returned; None from the other shards)."""
     cfg = validate_predict(cfg)
-    model_dir = Path(cfg.model_dir)
+    model_dir = release_dir(cfg.model) if cfg.model else Path(cfg.model_dir)
     trained_config = load_trained_config(model_dir)  # a wrong model_dir fails first
     out = Path(str(cfg.output))
     region = str(cfg.input) == "region"

@@ -1,0 +1,110 @@
+"""Released models: made from a trained bundle, shipped in the package, used by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline import predict
+from pipeline.artifacts import MODEL_NAME, TrainedModel, file_sha256
+from pipeline.release import ReleaseError, available, make_release, release_dir
+from tests.conftest import REPO, shared_path
+
+
+def predict_cfg(**values):
+    return OmegaConf.merge(OmegaConf.load(REPO / "conf" / "predict.yaml"), values)
+
+
+@pytest.mark.slow
+def test_a_release_is_the_bundle_without_optimizer_state_and_predicts_by_name(
+        trained_tiny, tmp_path, monkeypatch):
+    from pipeline import report
+
+    cfg, _ = trained_tiny
+    report.run(cfg)
+    source = Path(cfg.paths.models) / "cnn"
+    folder = make_release(source, Path(cfg.paths.reports) / "cards", "tiny-cnn", 1,
+                          into=tmp_path)
+    assert folder.name == "tiny-cnn-v1"
+    assert (folder / MODEL_NAME).stat().st_size < (source / MODEL_NAME).stat().st_size
+    release = json.loads((folder / "release.json").read_text())
+    assert release["trained_model_sha256"] == file_sha256(source / MODEL_NAME)
+    assert "Lintott et al." in release["cite"]
+    assert json.loads((folder / "model_card.json").read_text())["model_details"]["name"] == "cnn"
+    with pytest.raises(ReleaseError, match=r"tiny-cnn-v1 exists: a released version is never "
+                                           r"replaced"):
+        make_release(source, Path(cfg.paths.reports) / "cards", "tiny-cnn", 1, into=tmp_path)
+
+    monkeypatch.setattr("pipeline.release.RELEASED", tmp_path)
+    images = str(Path(cfg.paths.raw) / "images")
+    by_name = predict.run(predict_cfg(model="tiny-cnn-v1", input=images,
+                                      output=str(tmp_path / "a.csv"), mc_dropout_samples=0))
+    by_folder = predict.run(predict_cfg(model_dir=str(source), input=images,
+                                        output=str(tmp_path / "b.csv"), mc_dropout_samples=0))
+    np.testing.assert_allclose(by_name.filter(like="p_").to_numpy(),
+                               by_folder.filter(like="p_").to_numpy(), atol=1e-6)
+    with pytest.raises(ReleaseError, match=r"model = 'nope-v9': no released model of that "
+                                           r"name; this installation has \['tiny-cnn-v1'\]"):
+        release_dir("nope-v9")
+
+
+def mock_cutouts(folder: Path, n: int = 6) -> Path:
+    from astropy.io import fits
+
+    from pipeline.config import compose, validate
+    from pipeline.sources.mock import MORPHOLOGIES, render_galaxy
+
+    mock = validate(compose()).data.mock
+    folder.mkdir()
+    for i in range(n):
+        image, _ = render_galaxy(MORPHOLOGIES[i % 3], np.random.default_rng(i), mock)
+        fits.PrimaryHDU(image).writeto(folder / f"g{i}.fits")
+    return folder
+
+
+@pytest.mark.parametrize("name", available() or [pytest.param(None, marks=pytest.mark.skip(
+    reason="this checkout carries no released model"))])
+def test_every_released_model_classifies_galaxies_with_valid_probabilities(name, tmp_path):
+    folder = release_dir(name)
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 20e6
+    table = predict.run(predict_cfg(model=name, input=str(mock_cutouts(tmp_path / "in")),
+                                    output=str(tmp_path / "p.csv"), mc_dropout_samples=5))
+    proba = table.filter(like="p_").to_numpy()
+    assert len(table) == 6 and ((proba >= 0) & (proba <= 1)).all()
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    assert (table["set_size"] >= 1).all() and (table["mc_dropout_std"] >= 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", [n for n in available() if n.startswith("gz1-")] or [
+    pytest.param(None, marks=pytest.mark.skip(reason="no gz1 release in this checkout"))])
+def test_a_released_cards_figures_match_a_re_evaluation_on_its_split(name, tmp_path):
+    """The card's test figures come back when the split it names is prepared again from
+    ../shared/data/gz1-dev and scored through the released bundle."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from pipeline import fetch, prepare
+    from pipeline.artifacts import load_split
+    from pipeline.config import validate
+
+    catalog = shared_path("data", "gz1-dev", "labels.csv")
+    bundle = TrainedModel.load(release_dir(name))
+    cfg = OmegaConf.merge(bundle.config, {"data": {"folder": {"catalog": str(catalog)}},
+                                          "paths": {k: str(tmp_path / k) for k in (
+                                              "raw", "prepared", "models", "reports",
+                                              "backup")}})
+    cfg = validate(cfg)
+    fetch.run(cfg)
+    prepare.run(cfg)
+    test = load_split(Path(cfg.paths.prepared), "test")
+    predicted = bundle.predict_proba(test["images"].astype(np.float32)).argmax(axis=1)
+    card = json.loads((release_dir(name) / "model_card.json").read_text())["metrics"]["test"]
+    assert card["n_test"] == len(test["labels"])
+    assert accuracy_score(test["labels"], predicted) == pytest.approx(card["accuracy"], abs=1e-9)
+    assert f1_score(test["labels"], predicted, average="macro") == pytest.approx(
+        card["macro_f1"], abs=1e-9)
