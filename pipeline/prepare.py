@@ -124,12 +124,17 @@ def run(cfg: DictConfig) -> PreparedMeta:
         raise DataError(f"{raw}: {len(skipped)} of {len(catalog)} cutouts are unreadable, more "
                         f"than data.max_bad_fraction = {cfg.data.max_bad_fraction}; all are "
                         f"listed in {kept_list}; first: {skipped[0]['reason']}")
-    catalog, images = catalog[kept].reset_index(drop=True), images[kept]
     split_cfg = cfg.prepare.split
-    check_class_counts(catalog, list(scheme.classes), split_cfg.val, split_cfg.test,
+    check_class_counts(catalog[kept], list(scheme.classes), split_cfg.val, split_cfg.test,
                        f"{raw / CATALOG_NAME}")
+    # Split every catalogued galaxy, then leave out the skipped ones: a cutout that cannot be
+    # read (or measured) leaves a gap in its own split instead of reshuffling all the others,
+    # so a galaxy's split does not depend on which other files happened to be usable.
     labels = scheme.encode(catalog["label"].tolist())
-    split = stratified_split(labels, split_cfg, scheme.classes)
+    position = np.cumsum(kept) - 1
+    split = {name: position[idx[kept[idx]]]
+             for name, idx in stratified_split(labels, split_cfg, scheme.classes).items()}
+    catalog, images, labels = catalog[kept].reset_index(drop=True), images[kept], labels[kept]
     n_copies = int(cfg.augment.copies) if cfg.augment.mode == "stored" else 0
     # float16 images, plus the augmented copies of the training split
     ensure_free_space(prepared.parent, images[:1].nbytes // 2 * (len(images) + n_copies * len(

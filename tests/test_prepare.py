@@ -81,16 +81,27 @@ def test_changing_the_split_seed_changes_the_split_but_not_the_sizes(prepared_ti
     assert set(a) != set(b)
 
 
-def test_corrupt_cutout_is_skipped_and_reported(tiny_cfg):
+def split_of_each_galaxy(prepared: Path) -> dict[str, str]:
+    return {str(o): name for name in ("train", "val", "test")
+            for o in np.load(prepared / name / "objid.npy")}
+
+
+def test_corrupt_cutout_is_skipped_and_reported_and_moves_no_other_galaxy(tiny_cfg):
     fetch.run(tiny_cfg)
+    prepare.run(tiny_cfg)
+    prepared = Path(tiny_cfg.paths.prepared)
+    before = split_of_each_galaxy(prepared)
     raw = Path(tiny_cfg.paths.raw)
     victim = raw / "images" / "mock0000002.fits"
     victim.write_bytes(victim.read_bytes()[:1000])  # truncated download
     meta = prepare.run(tiny_cfg)
-    skipped = pd.read_csv(Path(tiny_cfg.paths.prepared) / "skipped.csv")
+    skipped = pd.read_csv(prepared / "skipped.csv")
     assert meta.n_skipped == 1
     assert skipped["objid"].tolist() == ["mock0000002"]
     assert "mock0000002.fits" in skipped["reason"].iloc[0]
+    after = split_of_each_galaxy(prepared)
+    assert set(after) == set(before) - {"mock0000002"}
+    assert {o: before[o] for o in after} == after
 
 
 def test_catalog_without_a_label_column_is_refused_by_name(tiny_cfg):
