@@ -27,7 +27,11 @@ def main() -> None:
     args = parser.parse_args()
     preds = pd.read_csv(args.predictions)
     labels = pd.read_csv(args.labels)
-    df = labels.merge(preds, left_on="filename", right_on="image", how="inner")
+    # predict carries the input catalog's own columns (filename, label); older outputs named
+    # the file in an "image" column only.
+    key = "filename" if "filename" in preds.columns else "image"
+    df = labels.merge(preds.drop(columns=["label", "split", "GalaxyID"], errors="ignore"),
+                      left_on="filename", right_on=key, how="inner")
     is_spiral = df["label"] == "spiral"
     print(f"galaxies scored: {len(df)} ({int(is_spiral.sum())} spiral, "
           f"{int((~is_spiral).sum())} non_spiral)")

@@ -157,6 +157,8 @@ class PreparedMeta(Record):
     augment_mode: str
     n_skipped: int = 0
     n_duplicates_dropped: int = 0
+    framing: str = "fixed"
+    galaxy_radius_fraction: float | None = None
 
     @property
     def scheme(self) -> LabelScheme:
@@ -293,6 +295,9 @@ class Metrics(Record):
     # Test coverage and mean set size of the conformal sets, overall ("all") and by true class.
     conformal_level: float | None = None
     conformal: dict[str, dict[str, float]] | None = None
+    # The framing stress test: test galaxies reframed (zoomed, pixels resampled), as named.
+    framing: str = "fixed"
+    framing_stress: dict[str, dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
         self.per_class = {c: v if isinstance(v, ClassScores) else ClassScores(**v)

@@ -97,6 +97,9 @@ class SplitConfig:
 class PrepareConfig:
     image_size: int = MISSING
     center_crop: float = MISSING
+    framing: str = MISSING
+    galaxy_radius_fraction: float = MISSING
+    unmeasured: str = MISSING
     softening_sigmas: float = MISSING
     white_percentile: float = MISSING
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -145,6 +148,8 @@ class EvaluateConfig:
     prior_correction: str = MISSING
     calibration: str = MISSING
     conformal_level: float = MISSING
+    framing_zooms: list[float] = MISSING
+    framing_pixel_scales: list[float] = MISSING
 
 
 @dataclass
@@ -387,6 +392,14 @@ def _validate_prepare(p: DictConfig) -> None:
              "an integer in [16, 1024] pixels")
     _require(_in(p.center_crop, 0, 1) and p.center_crop > 0, "prepare.center_crop",
              p.center_crop, "a fraction in (0, 1]")
+    _require(p.framing in ("fixed", "galaxy_size"), "prepare.framing", p.framing,
+             "fixed (prepare.center_crop of every frame) or galaxy_size (each galaxy cropped to "
+             "its measured half-light radius)")
+    _require(_in(p.galaxy_radius_fraction, 0.05, 1) and p.galaxy_radius_fraction > 0.05,
+             "prepare.galaxy_radius_fraction", p.galaxy_radius_fraction,
+             "the share of the view's half-width the half-light radius spans, in (0.05, 1]")
+    _require(p.unmeasured in ("skip", "fixed"), "prepare.unmeasured", p.unmeasured,
+             "skip (listed like an unreadable cutout) or fixed (prepare.center_crop)")
     _require(_in(p.softening_sigmas, 0.01, 1000), "prepare.softening_sigmas",
              p.softening_sigmas, "sky-noise sigmas in [0.01, 1000] (0 would divide by zero)")
     _require(_in(p.white_percentile, 50, 100), "prepare.white_percentile", p.white_percentile,
@@ -435,6 +448,12 @@ def _validate_evaluate(ev: DictConfig) -> None:
     _require(ev.conformal_level == 0 or _in(ev.conformal_level, 0.5, 0.999),
              "evaluate.conformal_level", ev.conformal_level,
              "a coverage in [0.5, 0.999], or 0 for no prediction sets")
+    for key, low, high, what in (("framing_zooms", 0.1, 10, "framings zoomed by"),
+                                 ("framing_pixel_scales", 0.1, 10, "pixels larger by")):
+        values = ev[key]
+        _require(all(isinstance(v, int | float) and _in(v, low, high) for v in values),
+                 f"evaluate.{key}", list(values),
+                 f"a list of factors in [{low}, {high}] ({what}; [] for none)")
 
 
 def _validate_model(cfg: DictConfig, name: str, mc: DictConfig) -> None:
@@ -449,7 +468,13 @@ def _validate_model(cfg: DictConfig, name: str, mc: DictConfig) -> None:
              "an integer in [0, 65536]")
     _require(mc.input_size is None or 32 <= mc.input_size <= 1024, f"{k}.input_size",
              mc.input_size, "null (use prepare.image_size) or an integer in [32, 1024]")
-    _validate_train(model_train_config(cfg, name), f"{k}.train")
+    train = model_train_config(cfg, name)
+    _validate_train(train, f"{k}.train")
+    shrinks = mc.input_size is not None and mc.input_size < cfg.prepare.image_size
+    _require(not (name == cfg.model and train.jit_compile and shrinks), "train.jit_compile",
+             True, f"false for models.{name}: it resizes {cfg.prepare.image_size}-px images to "
+             f"{mc.input_size} px with antialiasing, which TensorFlow's XLA cannot compile "
+             f"(or set models.{name}.input_size=null)")
 
 
 def _fraction(value) -> float | None:

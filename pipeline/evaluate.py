@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 
 from pipeline import plots
 from pipeline.artifacts import (
+    CATALOG_NAME,
     FIGURES_DIR,
     HISTORY_NAME,
     MODEL_NAME,
@@ -40,7 +42,9 @@ from pipeline.calibration import (
     fit_temperature,
     set_labels,
 )
+from pipeline.catalog import read_csv_catalog
 from pipeline.config import stage_main
+from pipeline.errors import PipelineError
 from pipeline.inference import (
     PRIOR_CORRECTION_GRID,
     TTA_MODES,
@@ -48,8 +52,9 @@ from pipeline.inference import (
     fit_prior_correction,
     predict_proba,
 )
-from pipeline.io import atomic_path, require_file
+from pipeline.io import DEFAULT_MAX_PIXELS, atomic_path, require_file
 from pipeline.metrics import calibration_bins, classification_metrics
+from pipeline.preprocess import load_images
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,49 @@ def fit_inference(trained: TrainedModel, val: dict, ev: DictConfig) -> Inference
                              prior_correction=correction, temperature=temperature,
                              conformal=conformal,
                              model_sha256=file_sha256(trained.folder / MODEL_NAME))
+
+
+def framing_stress(trained: TrainedModel, raw: Path, test: dict, zooms: list[float],
+                   pixel_scales: list[float], max_pixels: int | None = None
+                   ) -> dict[str, dict[str, float]]:
+    """How the model fares on its test galaxies framed otherwise: each raw cutout reframed
+    (:func:`pipeline.framing.reframe`: ``zoom`` times tighter, or its field drawn on pixels
+    ``scale`` times larger), then prepared the way the model's own bundle says and scored.
+
+    Galaxies whose size cannot be measured on a copy (``prepare.framing = galaxy_size``,
+    ``prepare.unmeasured = skip``) are counted in ``skipped`` and score as wrong: a survey
+    user loses them too.
+    """
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from pipeline.framing import reframe
+
+    catalog = read_csv_catalog(raw / CATALOG_NAME, f"paths.raw ({raw})")
+    files = dict(zip(catalog["objid"].astype(str), catalog["file"], strict=True))
+    missing = [o for o in map(str, test["objid"]) if o not in files]
+    if missing:
+        raise PipelineError(f"{raw / CATALOG_NAME}: {len(missing)} test galaxies (first "
+                        f"{missing[0]}) are not in the catalog prepare read; run prepare again")
+    paths = [raw / files[str(o)] for o in test["objid"]]
+    y = test["labels"]
+    cases = [(f"zoom {z:g}x", {"zoom": float(z)}) for z in zooms]
+    cases += [(f"pixels {s:g}x larger", {"resample": 1.0 / float(s)}) for s in pixel_scales]
+    result: dict[str, dict[str, float]] = {}
+    for name, how in cases:
+        images, kept, skipped = load_images(
+            paths, trained.preprocessing, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+            progress=False, transform=lambda image, how=how: reframe(image, **how))
+        predicted = np.full(len(y), -1)
+        if kept.any():
+            predicted[kept] = trained.predict_proba(images[kept]).argmax(axis=1)
+        result[name] = {"accuracy": float(accuracy_score(y, predicted)),
+                        "macro_f1": float(f1_score(y, predicted, average="macro",
+                                                   labels=np.arange(trained.scheme.n_classes),
+                                                   zero_division=0)),
+                        "skipped": len(skipped)}
+        log.info("framing stress, %s: accuracy %.3f, macro-F1 %.3f, %d skipped", name,
+                 result[name]["accuracy"], result[name]["macro_f1"], len(skipped))
+    return result
 
 
 def saliency(model, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -162,6 +210,10 @@ def run(cfg: DictConfig, name: str | None = None) -> Metrics:
         temperature=inference.temperature,
         conformal_level=None if sets is None else inference.conformal.level,
         conformal=None if sets is None else coverage_by_class(sets, y, list(scheme.classes)),
+        framing=str(trained.preprocessing.get("framing", "fixed")),
+        framing_stress=framing_stress(
+            trained, layout.raw, test, list(cfg.evaluate.framing_zooms),
+            list(cfg.evaluate.framing_pixel_scales), trained.max_image_pixels) or None,
     )
 
     predictions = pd.DataFrame({"objid": test["objid"], "actual": scheme.decode(y),

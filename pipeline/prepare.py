@@ -8,6 +8,7 @@ galaxies only and keep their original's ``objid``, so no galaxy's copies cross s
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -114,10 +115,11 @@ def run(cfg: DictConfig) -> PreparedMeta:
     catalog, duplicates = drop_duplicate_galaxies(catalog, raw)
     images, kept, skipped = load_images([raw / f for f in catalog["file"]], cfg.prepare,
                                         catalog["objid"].tolist(),
-                                        max_pixels=int(cfg.data.max_image_pixels))
+                                        max_pixels=int(cfg.data.max_image_pixels),
+                                        workers=os.cpu_count() or 1)
     if skipped:
-        log.warning("skipped %d unreadable cutout(s); see skipped.csv. First: %s",
-                    len(skipped), skipped[0]["reason"])
+        log.warning("skipped %d cutout(s) (unreadable, or no size to measure); see "
+                    "skipped.csv. First: %s", len(skipped), skipped[0]["reason"])
     if len(skipped) > cfg.data.max_bad_fraction * len(catalog):
         kept_list = prepared.with_name(f"{prepared.name}-{SKIPPED_NAME}")
         pd.DataFrame(skipped).to_csv(kept_list, index=False)
@@ -179,6 +181,9 @@ def run(cfg: DictConfig) -> PreparedMeta:
             augment_mode=str(cfg.augment.mode),
             n_skipped=len(skipped),
             n_duplicates_dropped=len(duplicates),
+            framing=str(cfg.prepare.framing),
+            galaxy_radius_fraction=(float(cfg.prepare.galaxy_radius_fraction)
+                                    if cfg.prepare.framing == "galaxy_size" else None),
         )
         meta.save(tmp)
     prepared.with_name(f"{prepared.name}-{SKIPPED_NAME}").unlink(missing_ok=True)  # stale now

@@ -1,8 +1,9 @@
-"""How a cutout becomes what a model sees: read, centre-crop, resize, normalise to [-1, 1].
+"""How a cutout becomes what a model sees: read, frame, resize, normalise to [-1, 1].
 
 One place for the train-time preparation (:mod:`pipeline.prepare`) and for new galaxies
 (:mod:`pipeline.predict`, with the trained model's own saved settings), so that both see the
-same pixels. Normalisation depends on what the file holds:
+same pixels. Framing is a fixed centre crop or the galaxy's own measured size
+(:mod:`pipeline.framing`, ``prepare.framing``). Normalisation depends on what the file holds:
 
 * flux images (FITS counts): subtract the sky of each band (the median of the cutout's
   border), apply an asinh stretch softened at ``prepare.softening_sigmas`` times the sky
@@ -14,6 +15,7 @@ same pixels. Normalisation depends on what the file holds:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +23,10 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from pipeline.framing import UnmeasuredError, frame_galaxy
 from pipeline.io import DEFAULT_MAX_PIXELS, FLUX, ImageError, read_image
+
+FIXED, GALAXY_SIZE = "fixed", "galaxy_size"
 
 
 def sky_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +90,8 @@ def crop_and_resize(images: np.ndarray, center_crop: float, size: int) -> np.nda
 
 
 def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 1, progress: bool = True
+                max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 1, progress: bool = True,
+                transform: Callable[[np.ndarray], np.ndarray] | None = None
                 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Read, crop, resize and normalise cutouts as ``prep`` (a ``prepare`` config) says.
 
@@ -93,9 +99,14 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
     ``predict`` calls this with the trained model's own saved ``prepare`` config, so new
     images get exactly the preprocessing the model was trained on. ``workers`` threads decode
     files in parallel (the decoders release the GIL); each image's pixels depend on that image
-    alone, so how the files are grouped never changes them.
+    alone, so how the files are grouped never changes them. ``transform`` changes each decoded
+    cutout first (evaluate's framing stress test reframes them with it).
     """
     size, crop = int(prep.image_size), float(prep.center_crop)
+    # Models trained before framing was a setting used the fixed crop.
+    framing = str(prep.get("framing", FIXED))
+    fraction = float(prep.get("galaxy_radius_fraction", 1.0))
+    fallback = str(prep.get("unmeasured", "skip"))
     ids = ids if ids is not None else [str(p) for p in paths]
     out = np.empty((len(paths), size, size, 3), dtype=np.float32)
     kept = np.zeros(len(paths), dtype=bool)
@@ -107,7 +118,7 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
         if not rows:
             return
         idx = np.array([i for i, _ in rows])
-        batch = crop_and_resize(np.stack([img for _, img in rows]), crop, size)
+        batch = crop_and_resize(np.stack([img for _, img in rows]), key[2], size)
         if key[0] == FLUX:
             batch = normalize_flux(batch, prep.softening_sigmas, prep.white_percentile)
         else:
@@ -115,11 +126,25 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
         out[idx] = batch
         kept[idx] = True
 
-    def read(path: Path) -> tuple[np.ndarray, str] | str:
+    def read(path: Path) -> tuple[np.ndarray, str, float] | str:
+        """A decoded cutout, its kind and the centre crop still to apply; or why not."""
         try:
-            return read_image(path, max_pixels=max_pixels)
+            image, kind = read_image(path, max_pixels=max_pixels)
         except ImageError as err:
             return str(err)
+        if transform is not None:
+            image = transform(image)
+        if framing != GALAXY_SIZE:
+            return image, kind, crop
+        try:
+            framed, _ = frame_galaxy(image, fraction, display=kind != FLUX)
+        except UnmeasuredError as err:
+            if fallback == FIXED:
+                return image, kind, crop
+            return (f"{path}: cannot measure the galaxy's size ({err}); prepare.framing = "
+                    "galaxy_size skips it (prepare.unmeasured = fixed would centre-crop it)")
+        # Resized here, in the worker: views of every size then batch together.
+        return crop_and_resize(framed[None].astype(np.float32), 1.0, size)[0], kind, 1.0
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         decoded = pool.map(read, paths) if workers > 1 else map(read, paths)
@@ -129,8 +154,8 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
             if isinstance(item, str):
                 skipped.append({"objid": ids[i], "file": str(paths[i]), "reason": item})
                 continue
-            image, kind = item
-            key = (kind, image.shape)
+            image, kind, still_crop = item
+            key = (kind, image.shape, still_crop)
             pending.setdefault(key, []).append((i, image))
             if len(pending[key]) >= 256:
                 flush(key)

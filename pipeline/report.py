@@ -134,6 +134,15 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: PreparedMe
     if metrics["n_test"] < 500:
         caveats.append(f"The test split is small ({metrics['n_test']} galaxies): the 95% "
                        "intervals above show how uncertain each figure is.")
+    framing = framing_description(cfg.prepare)
+    stress = metrics.get("framing_stress") or {}
+    if stress:
+        worst = min(stress, key=lambda k: stress[k]["macro_f1"])
+        caveats.append(
+            f"Framing: the model expects {framing}. On its test galaxies framed otherwise "
+            f"(Framing section) macro-F1 falls from {metrics['macro_f1']:.3f} to as low as "
+            f"{stress[worst]['macro_f1']:.3f} ({worst}); check cutouts of another survey "
+            "against that table.")
     figures = {k: _relative(layout.figures(name) / f"{k}.png", cards)
                for k in FIGURES if (layout.figures(name) / f"{k}.png").is_file()}
     return {
@@ -159,7 +168,18 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: PreparedMe
         "overfitting": diagnose_overfitting(history, metrics["best_epoch"]),
         "caveats": caveats,
         "figures": figures,
+        "framing": framing,
+        "framing_stress": stress,
     }
+
+
+def framing_description(prep: DictConfig) -> str:
+    if prep.get("framing", "fixed") == "galaxy_size":
+        return (f"each galaxy cropped so that its half-light radius, measured on the cutout, "
+                f"spans {prep.galaxy_radius_fraction:.0%} of the view's half-width "
+                "(`prepare.framing=galaxy_size`), whatever the survey's framing")
+    return (f"the central {prep.center_crop:.0%} of each cutout's side "
+            "(`prepare.framing=fixed`), i.e. cutouts framed like its training data")
 
 
 def data_context(cfg: DictConfig, data_meta: PreparedMeta) -> dict:
@@ -230,7 +250,9 @@ def card_as_json(m: dict, common: dict) -> dict:
                     "confidence_intervals_95": m["ci"],
                     "per_class": m["metrics"]["per_class"],
                     "conformal_sets": {"level": m["metrics"].get("conformal_level"),
-                                       "test_coverage": m["metrics"].get("conformal")}},
+                                       "test_coverage": m["metrics"].get("conformal")},
+                    "framing": {"expects": m["framing"],
+                                "test_galaxies_reframed": m["framing_stress"]}},
         "evaluation_data": {"split": "test", "per_class": data["splits"]["test"]["per_class"],
                             "split_seed": data["split_seed"], "augmented": False},
         "training_data": {"source": data["source"], "description": data["source_description"],

@@ -116,6 +116,15 @@ def test_bad_values_are_refused_with_key_value_and_choices(override, message):
         validate(compose([override]))
 
 
+def test_xla_is_refused_for_a_model_that_resizes_with_antialiasing_inside():
+    """TensorFlow's XLA has no kernel for the antialiased resize (seen failing at the first
+    step of gz1's CNN); the transfer model of the same experiment resizes nothing."""
+    with pytest.raises(ConfigError, match=r"'train.jit_compile' = True is invalid: false for "
+                                          r"models.cnn: it resizes 144-px images to 64 px"):
+        validate(compose(["experiment=gz1", "model=cnn", "train.jit_compile=true"]))
+    validate(compose(["experiment=gz1", "model=transfer", "train.jit_compile=true"]))
+
+
 def test_unknown_key_is_refused_by_name():
     cfg = compose()
     OmegaConf.set_struct(cfg, False)
