@@ -15,6 +15,7 @@ same pixels. Framing is a fixed centre crop or the galaxy's own measured size
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +28,7 @@ from pipeline.framing import UnmeasuredError, frame_galaxy
 from pipeline.io import DEFAULT_MAX_PIXELS, FLUX, ImageError, read_image
 
 FIXED, GALAXY_SIZE = "fixed", "galaxy_size"
+log = logging.getLogger(__name__)
 
 
 def sky_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,6 +114,7 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
     kept = np.zeros(len(paths), dtype=bool)
     skipped: list[dict] = []
     pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+    centre_cropped: list[str] = []  # galaxy_size could not measure these; fixed crop instead
 
     def flush(key: tuple) -> None:
         rows = pending.pop(key, [])
@@ -140,6 +143,7 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
             framed, _ = frame_galaxy(image, fraction, display=kind != FLUX)
         except UnmeasuredError as err:
             if fallback == FIXED:
+                centre_cropped.append(str(path))
                 return image, kind, crop
             return (f"{path}: cannot measure the galaxy's size ({err}); prepare.framing = "
                     "galaxy_size skips it (prepare.unmeasured = fixed would centre-crop it)")
@@ -161,4 +165,8 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
                 flush(key)
     for key in list(pending):
         flush(key)
+    if centre_cropped:
+        log.warning("%d cutout(s) had no measurable galaxy size and got the fixed centre crop "
+                    "(prepare.unmeasured = fixed); first: %s", len(centre_cropped),
+                    centre_cropped[0])
     return out, kept, skipped

@@ -90,7 +90,7 @@ def test_galaxy_size_framing_shows_a_galaxy_alike_at_any_zoom_where_a_fixed_crop
 
 
 def test_a_cutout_with_no_galaxy_at_its_centre_is_skipped_or_centre_cropped_as_configured(
-        tmp_path):
+        tmp_path, caplog):
     sky = np.random.default_rng(0).normal(10, 2, (96, 96, 3))
     paths = write_pngs(tmp_path, {"galaxy": disc(6.0, side=96), "blank": sky})
     with pytest.raises(UnmeasuredError, match="no source 3 sky sigmas above the sky"):
@@ -99,8 +99,11 @@ def test_a_cutout_with_no_galaxy_at_its_centre_is_skipped_or_centre_cropped_as_c
     assert kept.tolist() == [True, False]
     assert str(paths[1]) in skipped[0]["reason"]
     assert "prepare.unmeasured = fixed" in skipped[0]["reason"]
-    _, kept, skipped = load_images(paths, prep(unmeasured="fixed"), progress=False)
+    with caplog.at_level("WARNING", logger="pipeline.preprocess"):
+        _, kept, skipped = load_images(paths, prep(unmeasured="fixed"), progress=False)
     assert kept.all() and not skipped
+    assert f"1 cutout(s) had no measurable galaxy size and got the fixed centre crop " \
+           f"(prepare.unmeasured = fixed); first: {paths[1]}" in caplog.text
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
