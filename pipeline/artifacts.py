@@ -296,7 +296,6 @@ class Metrics(Record):
     conformal_level: float | None = None
     conformal: dict[str, dict[str, float]] | None = None
     # The framing stress test: test galaxies reframed (zoomed, pixels resampled), as named.
-    framing: str = "fixed"
     framing_stress: dict[str, dict[str, float]] | None = None
 
     def __post_init__(self) -> None:

@@ -113,7 +113,8 @@ def framing_stress(trained: TrainedModel, raw: Path, test: dict, zooms: list[flo
     missing = [o for o in map(str, test["objid"]) if o not in files]
     if missing:
         raise PipelineError(f"{raw / CATALOG_NAME}: {len(missing)} test galaxies (first "
-                        f"{missing[0]}) are not in the catalog prepare read; run prepare again")
+                            f"{missing[0]}) are not in the catalog prepare read; run prepare "
+                            "again")
     paths = [raw / files[str(o)] for o in test["objid"]]
     y = test["labels"]
     cases = [(f"zoom {z:g}x", {"zoom": float(z)}) for z in zooms]
@@ -210,7 +211,6 @@ def run(cfg: DictConfig, name: str | None = None) -> Metrics:
         temperature=inference.temperature,
         conformal_level=None if sets is None else inference.conformal.level,
         conformal=None if sets is None else coverage_by_class(sets, y, list(scheme.classes)),
-        framing=str(trained.preprocessing.get("framing", "fixed")),
         framing_stress=framing_stress(
             trained, layout.raw, test, list(cfg.evaluate.framing_zooms),
             list(cfg.evaluate.framing_pixel_scales), trained.max_image_pixels) or None,

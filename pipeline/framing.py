@@ -36,13 +36,17 @@ def _bin(gray: np.ndarray, factor: int) -> np.ndarray:
     return gray[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
 
 
-def _border(image: np.ndarray) -> np.ndarray:
-    """The outer frame's pixels (cutouts are centred on their galaxy: the border is sky)."""
-    k = max(2, min(image.shape[:2]) // 16)
-    return np.concatenate([image[:k].reshape(-1, *image.shape[2:]),
-                           image[-k:].reshape(-1, *image.shape[2:]),
-                           image[k:-k, :k].reshape(-1, *image.shape[2:]),
-                           image[k:-k, -k:].reshape(-1, *image.shape[2:])])
+def border_pixels(images: np.ndarray, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """The outer frame's pixels of ``images`` along the two image ``axes`` (cutouts are
+    centred on their galaxy: the border is sky), gathered on the first of them; the other axes
+    (batch, bands) are kept. Prepare's sky level and noise and the framing's detection
+    threshold and padding all read the sky here."""
+    stack = np.moveaxis(images, axes, (0, 1))
+    k = max(2, min(stack.shape[:2]) // 16)
+    rest = stack.shape[2:]
+    return np.concatenate([stack[:k].reshape(-1, *rest), stack[-k:].reshape(-1, *rest),
+                           stack[k:-k, :k].reshape(-1, *rest),
+                           stack[k:-k, -k:].reshape(-1, *rest)])
 
 
 def half_light_radius(image: np.ndarray, display: bool) -> float:
@@ -62,7 +66,7 @@ def half_light_radius(image: np.ndarray, display: bool) -> float:
     factor = max(1, int(np.ceil(max(gray.shape) / MEASURE_SIDE)))
     if factor > 1:
         gray = _bin(gray, factor)
-    edge = _border(gray)
+    edge = border_pixels(gray)
     sky = float(np.median(edge))
     noise = float(mad_std(edge))
     if display:
@@ -103,7 +107,7 @@ def centred_square(image: np.ndarray, side: int, seed: int = 0) -> np.ndarray:
     if side <= h and side <= w:
         top, left = (h - side) // 2, (w - side) // 2
         return image[top:top + side, left:left + side]
-    edge = _border(image)
+    edge = border_pixels(image)
     rng = np.random.default_rng(seed)
     canvas = edge[rng.integers(0, len(edge), size=side * side)].reshape(
         side, side, *image.shape[2:]).astype(image.dtype)
@@ -121,11 +125,10 @@ def galaxy_view_side(radius: float, fraction: float) -> int:
     return max(8, round(2.0 * radius / fraction))
 
 
-def frame_galaxy(image: np.ndarray, fraction: float, display: bool) -> tuple[np.ndarray, float]:
+def frame_galaxy(image: np.ndarray, fraction: float, display: bool) -> np.ndarray:
     """``image`` cropped (or sky-padded) so its galaxy's half-light radius spans ``fraction``
-    of the half-width; returns the square and the radius measured (pixels of ``image``)."""
-    radius = half_light_radius(image, display)
-    return centred_square(image, galaxy_view_side(radius, fraction)), radius
+    of the half-width."""
+    return centred_square(image, galaxy_view_side(half_light_radius(image, display), fraction))
 
 
 def reframe(image: np.ndarray, zoom: float = 1.0, resample: float = 1.0, seed: int = 0

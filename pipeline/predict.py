@@ -42,7 +42,6 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import __version__
 from pipeline.artifacts import (
     INFERENCE_NAME,
-    MODEL_NAME,
     TrainedModel,
     file_sha256,
     load_trained_config,
@@ -375,7 +374,8 @@ def _write_votable(t, path: Path, meta: dict) -> None:
 
 def provenance(trained: TrainedModel, s: Settings) -> dict:
     correction = trained.inference.prior_correction
-    return {"MODEL": str(trained.folder), "MODELSHA": file_sha256(trained.folder / MODEL_NAME)[:16],
+    # TrainedModel.load checked this digest against the model file.
+    return {"MODEL": str(trained.folder), "MODELSHA": trained.inference.model_sha256[:16],
             "CLASSES": ",".join(trained.scheme.classes), "TTA": s.tta, "TTAZOOM": s.zoom,
             "PRIORALP": correction.alpha, "MCDROP": s.mc_samples,
             "TEMPERAT": trained.inference.temperature,
@@ -416,7 +416,7 @@ def run(cfg: DictConfig) -> pd.DataFrame | None:
     n, size = len(inputs.paths), int(cfg.chunk_size)
     chunks = list(range(-(-n // size)))
     mine = [k for k in chunks if k % cfg.num_shards == cfg.shard]
-    fingerprint = {"model": file_sha256(model_dir / MODEL_NAME),
+    fingerprint = {"model": inference.model_sha256,
                    "inference": inference.to_dict(), "input": inputs.digest, "rows": n,
                    "chunk_size": size, **{k: v for k, v in vars(s).items() if k != "workers"}}
     parts = Parts(out, fingerprint)

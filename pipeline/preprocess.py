@@ -24,7 +24,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from pipeline.framing import UnmeasuredError, frame_galaxy
+from pipeline.framing import UnmeasuredError, border_pixels, frame_galaxy
 from pipeline.io import DEFAULT_MAX_PIXELS, FLUX, ImageError, read_image
 
 FIXED, GALAXY_SIZE = "fixed", "galaxy_size"
@@ -39,13 +39,7 @@ def sky_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     iterative sigma clipping of whole images (``astropy.stats.sigma_clipped_stats``) cost 8x
     more here for nearly the same answer.
     """
-    h, w = images.shape[1:3]
-    k = max(2, min(h, w) // 16)
-    edge = np.concatenate([images[:, :k].reshape(len(images), -1, images.shape[3]),
-                           images[:, -k:].reshape(len(images), -1, images.shape[3]),
-                           images[:, k:-k, :k].reshape(len(images), -1, images.shape[3]),
-                           images[:, k:-k, -k:].reshape(len(images), -1, images.shape[3])],
-                          axis=1)
+    edge = np.moveaxis(border_pixels(images, axes=(1, 2)), 0, 1)  # (N, border pixels, bands)
     median = np.median(edge, axis=1)
     # The MAD scaled to a Gaussian sigma (what astropy.stats.mad_std computes), in one call
     # per batch rather than astropy's per-call checks.
@@ -140,7 +134,7 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
         if framing != GALAXY_SIZE:
             return image, kind, crop
         try:
-            framed, _ = frame_galaxy(image, fraction, display=kind != FLUX)
+            framed = frame_galaxy(image, fraction, display=kind != FLUX)
         except UnmeasuredError as err:
             if fallback == FIXED:
                 centre_cropped.append(str(path))

@@ -101,7 +101,7 @@ def make_release(model_dir: Path, cards: Path, name: str, version: int,
             "name": release, "model": name, "version": version,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "package_version": __version__, "git_revision": _git_revision(),
-            "trained_model_sha256": file_sha256(model_dir / MODEL_NAME),
+            "trained_model_sha256": trained.inference.model_sha256,  # checked by load
             "classes": list(trained.scheme.classes),
             "cite": CITATION.format(package=__version__, release=release),
         }, indent=2) + "\n")
