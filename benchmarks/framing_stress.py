@@ -45,7 +45,7 @@ def main() -> None:
         for case, v in scores.items():
             rows.append((str(folder), how, case, v["accuracy"], v["macro_f1"], v["skipped"]))
         print(f"{folder}: {seconds:.0f} s")
-    print("\n| model | framing | test galaxies | accuracy | macro-F1 | skipped |")
+    print("\n| model | its framing | test galaxies reframed | accuracy | macro-F1 | skipped |")
     print("|---|---|---|---|---|---|")
     for model, how, case, acc, f1, skipped in rows:
         print(f"| {model} | {how} | {case} | {acc:.3f} | {f1:.3f} | {skipped} |")

@@ -1,6 +1,6 @@
 """Raw ``model.fit`` throughput of the gz1 models, for accelerators: precision, XLA, batch size.
 
-    python -m pipeline.config experiment=gz1 && cp params.yaml /tmp/gz1-params.yaml
+    python benchmarks/gpu_fit.py --write-config /tmp/gz1-params.yaml   # where Hydra is
     KERAS_BACKEND=jax python benchmarks/gpu_fit.py /tmp/gz1-params.yaml \\
         --weights mobilenet_v2_no_top.h5 --budget-s 420
 
@@ -59,7 +59,11 @@ def run_case(cfg, name: str, phase: str, precision: str, batch: int, jit: bool,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", type=Path, help="a resolved params.yaml (experiment=gz1)")
+    parser.add_argument("config", type=Path, nargs="?",
+                        help="the resolved experiment=gz1 config that --write-config wrote")
+    parser.add_argument("--write-config", type=Path, default=None,
+                        help="compose conf/ with experiment=gz1 into this file and stop (needs "
+                        "Hydra; the accelerator machine then needs only Keras and OmegaConf)")
     parser.add_argument("--weights", default=None, help="ImageNet backbone weights (.h5)")
     parser.add_argument("--images", type=int, default=4096)
     parser.add_argument("--epochs", type=int, default=2)
@@ -72,6 +76,14 @@ def main() -> None:
     args = parser.parse_args()
     from omegaconf import OmegaConf
 
+    if args.write_config:
+        from pipeline.config import compose, validate
+
+        OmegaConf.save(validate(compose(["experiment=gz1"])), args.write_config, resolve=True)
+        print(f"wrote {args.write_config}")
+        return
+    if args.config is None:
+        parser.error("give the config file --write-config wrote")
     cfg = OmegaConf.load(args.config)
     begin = time.perf_counter()
     for name, phase in (("cnn", "all"), ("transfer", "feature_extraction"),
