@@ -297,6 +297,8 @@ class Metrics(Record):
     conformal: dict[str, dict[str, float]] | None = None
     # The framing stress test: test galaxies reframed (zoomed, pixels resampled), as named.
     framing_stress: dict[str, dict[str, float]] | None = None
+    # Labelled samples from elsewhere (evaluate.cross_checks): ROC AUC and what was scored.
+    cross_checks: dict[str, dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.per_class = {c: v if isinstance(v, ClassScores) else ClassScores(**v)

@@ -142,6 +142,19 @@ class TrainConfig:
 
 
 @dataclass
+class CrossCheckConfig:
+    """One labelled sample from elsewhere, scored by evaluate but never trained or tuned on."""
+
+    catalog: str = MISSING
+    image_column: str = MISSING
+    label_column: str = MISSING
+    positive: list[str] = MISSING
+    score: list[str] = MISSING
+    tta_zoom: float | None = None
+    encoding: str = "utf-8"
+
+
+@dataclass
 class EvaluateConfig:
     tta: str = MISSING
     tta_zoom: float = MISSING
@@ -150,6 +163,7 @@ class EvaluateConfig:
     conformal_level: float = MISSING
     framing_zooms: list[float] = MISSING
     framing_pixel_scales: list[float] = MISSING
+    cross_checks: dict[str, CrossCheckConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -285,7 +299,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     sources[source].validate(merged.data)
     _validate_prepare(merged.prepare)
     _validate_augment(merged.augment)
-    _validate_evaluate(merged.evaluate)
+    _validate_evaluate(merged.evaluate, list(merged.data.classes))
     _validate_train(merged.train, "train")
     _require(len(merged.models) >= 1, "models", {}, "at least one model entry")
     _require(merged.model in merged.models, "model", merged.model,
@@ -434,7 +448,7 @@ def _validate_augment(a: DictConfig) -> None:
              "images per batch in [1, 65536]")
 
 
-def _validate_evaluate(ev: DictConfig) -> None:
+def _validate_evaluate(ev: DictConfig, classes: list[str]) -> None:
     _require(ev.tta in TTA_MODES, "evaluate.tta", ev.tta,
              f"one of {list(TTA_MODES)} (test-time views averaged per image)")
     _require(_in(ev.tta_zoom, *TTA_ZOOM_RANGE), "evaluate.tta_zoom", ev.tta_zoom,
@@ -454,6 +468,17 @@ def _validate_evaluate(ev: DictConfig) -> None:
         _require(all(isinstance(v, int | float) and _in(v, low, high) for v in values),
                  f"evaluate.{key}", list(values),
                  f"a list of factors in [{low}, {high}] ({what}; [] for none)")
+    for name, check in ev.cross_checks.items():
+        k = f"evaluate.cross_checks.{name}"
+        _require(len(check.score) > 0 and all(c in classes for c in check.score),
+                 f"{k}.score", list(check.score),
+                 f"a list of the model's classes {classes}, whose probabilities are summed")
+        _require(len(check.positive) > 0, f"{k}.positive", list(check.positive),
+                 f"the values of {k}.label_column that count as positive")
+        _require(check.tta_zoom is None or _in(check.tta_zoom, *TTA_ZOOM_RANGE),
+                 f"{k}.tta_zoom", check.tta_zoom,
+                 f"null (the model's own) or a magnification in {list(TTA_ZOOM_RANGE)}")
+        _require_encoding(check.encoding, f"{k}.encoding")
 
 
 def _validate_model(cfg: DictConfig, name: str, mc: DictConfig) -> None:

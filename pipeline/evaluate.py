@@ -137,6 +137,49 @@ def framing_stress(trained: TrainedModel, raw: Path, test: dict, zooms: list[flo
     return result
 
 
+def cross_check(trained: TrainedModel, name: str, check: DictConfig,
+                max_pixels: int | None = None) -> dict:
+    """How well the model ranks a labelled sample from elsewhere that nobody tuned on (another
+    survey's framing, another labelling rule): the ROC AUC of the summed probabilities of
+    ``check.score`` for the catalog rows whose ``check.label_column`` is in ``check.positive``.
+    Its cutouts are prepared as the model's bundle says and viewed at ``check.tta_zoom`` (null:
+    the model's own). Unreadable or unmeasurable cutouts are counted in ``skipped``."""
+    from sklearn.metrics import roc_auc_score
+
+    key = f"evaluate.cross_checks.{name}"
+    path = Path(str(check.catalog)).expanduser()
+    catalog = read_csv_catalog(path, f"{key}.catalog", str(check.encoding), f"{key}.encoding")
+    for column in ("image_column", "label_column"):
+        if check[column] not in catalog.columns:
+            raise PipelineError(f"{path}: no column {key}.{column} = {check[column]!r}; the "
+                                f"catalog has {list(catalog.columns)}")
+    positive = catalog[check.label_column].isin(list(check.positive)).to_numpy()
+    if positive.all() or not positive.any():
+        raise PipelineError(
+            f"{path}: {key}.positive = {list(check.positive)} matches {int(positive.sum())} of "
+            f"{len(positive)} rows; a ROC AUC needs both kinds (labels there: "
+            f"{sorted(catalog[check.label_column].unique())[:10]})")
+    paths = [Path(f) if Path(f).is_absolute() else path.parent / f
+             for f in catalog[check.image_column]]
+    images, kept, skipped = load_images(paths, trained.preprocessing,
+                                        max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    if not kept.any():
+        raise PipelineError(f"{path}: none of its {len(paths)} cutouts could be read "
+                            f"(first: {skipped[0]}); check {key}.image_column")
+    zoom = None if check.tta_zoom is None else float(check.tta_zoom)
+    proba = trained.predict_proba(images[kept], zoom=zoom)
+    columns = [list(trained.scheme.classes).index(c) for c in check.score]
+    auc = float(roc_auc_score(positive[kept], proba[:, columns].sum(axis=1)))
+    result = {"catalog": str(path), "score": "p_" + "+p_".join(check.score),
+              "positive": list(check.positive), "galaxies": int(kept.sum()),
+              "positives": int(positive[kept].sum()), "skipped": len(skipped),
+              "tta_zoom": trained.inference.tta_zoom if zoom is None else zoom,
+              "roc_auc": auc}
+    log.info("cross-check %s: ROC AUC %.3f of %s for %s, %d galaxies (%d skipped)", name, auc,
+             result["score"], list(check.positive), result["galaxies"], len(skipped))
+    return result
+
+
 def saliency(model, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """|d p(class) / d input|, maximised over channels (Simonyan et al. 2014)."""
     import tensorflow as tf
@@ -214,6 +257,8 @@ def run(cfg: DictConfig, name: str | None = None) -> Metrics:
         framing_stress=framing_stress(
             trained, layout.raw, test, list(cfg.evaluate.framing_zooms),
             list(cfg.evaluate.framing_pixel_scales), trained.max_image_pixels) or None,
+        cross_checks={k: cross_check(trained, k, check, trained.max_image_pixels)
+                      for k, check in cfg.evaluate.cross_checks.items()} or None,
     )
 
     predictions = pd.DataFrame({"objid": test["objid"], "actual": scheme.decode(y),

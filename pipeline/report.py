@@ -143,6 +143,14 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: PreparedMe
             f"(Framing section) macro-F1 falls from {metrics['macro_f1']:.3f} to as low as "
             f"{stress[worst]['macro_f1']:.3f} ({worst}); check cutouts of another survey "
             "against that table.")
+    for check_name, check in (metrics.get("cross_checks") or {}).items():
+        caveats.append(
+            f"Another sample: on {check_name} ({check['galaxies']} galaxies framed and labelled "
+            f"elsewhere, never trained or tuned on; {check['catalog']}), {check['score']} ranks "
+            f"its {'/'.join(check['positive'])} label ({check['positives']} galaxies) against "
+            f"the rest with ROC AUC {check['roc_auc']:.3f} (test-time zoom "
+            f"{check['tta_zoom']:g}; {check['skipped']} cutouts unreadable or unmeasured). "
+            "Figures on this model's own test split overstate what another survey gets.")
     figures = {k: _relative(layout.figures(name) / f"{k}.png", cards)
                for k in FIGURES if (layout.figures(name) / f"{k}.png").is_file()}
     return {
@@ -252,7 +260,8 @@ def card_as_json(m: dict, common: dict) -> dict:
                     "conformal_sets": {"level": m["metrics"].get("conformal_level"),
                                        "test_coverage": m["metrics"].get("conformal")},
                     "framing": {"expects": m["framing"],
-                                "test_galaxies_reframed": m["framing_stress"]}},
+                                "test_galaxies_reframed": m["framing_stress"]},
+                    "other_samples": m["metrics"].get("cross_checks") or {}},
         "evaluation_data": {"split": "test", "per_class": data["splits"]["test"]["per_class"],
                             "split_seed": data["split_seed"], "augmented": False},
         "training_data": {"source": data["source"], "description": data["source_description"],
