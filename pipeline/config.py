@@ -133,6 +133,7 @@ class TrainConfig:
     class_weight: str = MISSING
     min_epochs: int = MISSING
     ema_momentum: float = MISSING
+    label_smoothing: float = MISSING
     seed: int = MISSING
     deterministic: bool = MISSING
     mixed_precision: bool = MISSING
@@ -540,6 +541,9 @@ def _validate_train(t: DictConfig, key: str) -> None:
     _require(_in(t.ema_momentum, 0, 1) and t.ema_momentum < 1, f"{key}.ema_momentum",
              t.ema_momentum,
              "a momentum in [0, 1): 0 = no weight averaging, 0.99 = average over ~100 steps")
+    _require(_in(t.label_smoothing, 0, 0.5) and t.label_smoothing < 0.5,
+             f"{key}.label_smoothing", t.label_smoothing,
+             "a fraction in [0, 0.5): 0 = hard labels, 0.1 = 10% of each target spread evenly")
     _require(0 <= t.seed <= SEED_MAX, f"{key}.seed", t.seed, f"an integer in [0, {SEED_MAX}]")
     _require(t.verbose in (0, 1, 2), f"{key}.verbose", t.verbose,
              "0 (silent), 1 (progress bar) or 2 (one line per epoch)")

@@ -312,6 +312,14 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
                             deterministic=bool(t.deterministic),
                             balanced=t.class_weight == "resample")
     val_ds = make_dataset(x_val, y_val, t.batch_size, False, t.seed)
+    loss = "sparse_categorical_crossentropy"
+    if t.label_smoothing > 0:  # smoothing needs one-hot targets; class weights still apply
+        import tensorflow as tf
+
+        classes = int(model.output_shape[-1])
+        train_ds, val_ds = (ds.map(lambda x, y: (x, tf.one_hot(y, classes)))
+                            for ds in (train_ds, val_ds))
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=float(t.label_smoothing))
     best_weights = state / "best.weights.h5"
     checkpoint = CheckpointAfter(
         best_weights, monitor="val_loss", save_best_only=True, save_weights_only=True)
@@ -334,7 +342,7 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=rate, use_ema=t.ema_momentum > 0,
                                             ema_momentum=t.ema_momentum or 0.99),
-            loss="sparse_categorical_crossentropy",
+            loss=loss,
             metrics=["accuracy"],
             jit_compile=bool(t.jit_compile),
         )

@@ -190,6 +190,34 @@ def test_weight_averaging_keeps_the_weights_it_validated(prepared_tiny, tmp_path
     assert loss == pytest.approx(summary.best_val_loss, rel=1e-3)
 
 
+@pytest.mark.slow
+def test_label_smoothing_trains_on_softened_targets(prepared_tiny, tmp_path):
+    """The validation loss the run kept is the cross-entropy against smoothed targets."""
+    import numpy as np
+
+    from pipeline.artifacts import load_keras_model, load_split
+
+    cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
+                      f"paths.prepared={prepared_tiny.paths.prepared}",
+                      "train.label_smoothing=0.3")
+    summary = train.run(cfg, "cnn")
+    val = load_split(Path(cfg.paths.prepared), "val")
+    saved = load_keras_model(Path(cfg.paths.models) / "cnn")
+    proba = saved.predict(val["images"].astype(np.float32), verbose=0)
+    penalties = sum(float(penalty) for penalty in saved.losses)
+    targets = np.eye(proba.shape[1])[val["labels"]]
+    smoothed = float(keras.losses.CategoricalCrossentropy(label_smoothing=0.3)(targets, proba))
+    hard = float(keras.losses.CategoricalCrossentropy()(targets, proba))
+    assert smoothed + penalties == pytest.approx(summary.best_val_loss, rel=1e-3)
+    assert abs(hard - smoothed) > 0.01  # the two losses differ on this model
+
+
+def test_label_smoothing_out_of_range_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"'train.label_smoothing' = 0.5 is invalid: a fraction "
+                                         r"in \[0, 0.5\)"):
+        tiny_config(tmp_path, "train.label_smoothing=0.5")
+
+
 def test_ema_momentum_out_of_range_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"'train.ema_momentum' = 1.0 is invalid: a momentum "
                                          r"in \[0, 1\)"):
