@@ -133,7 +133,7 @@ class TrainConfig:
     class_weight: str = MISSING
     min_epochs: int = MISSING
     ema_momentum: float = MISSING
-    label_smoothing: float = MISSING
+    label_smoothing: float = 0.0  # a default: bundles trained before the key existed stay valid
     seed: int = MISSING
     deterministic: bool = MISSING
     mixed_precision: bool = MISSING
