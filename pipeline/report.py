@@ -33,6 +33,7 @@ from pipeline.artifacts import (
     Metrics,
     PreparedMeta,
     TrainSummary,
+    load_trained_config,
 )
 from pipeline.config import model_train_config, schedule_description, stage_main
 from pipeline.errors import MissingInputError
@@ -115,16 +116,20 @@ def _relative(target: Path, start: Path) -> str:
 
 
 def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: PreparedMeta) -> dict:
-    mc = cfg.models[name]
     layout = Layout.from_config(cfg)
     reports, model_dir = layout.report_dir(name), layout.model_dir(name)
+    # The card describes how this model was trained (its bundle's config.yaml), even when
+    # the current params have changed since.
+    trained_cfg = load_trained_config(model_dir)
+    mc = trained_cfg.models[name]
     metrics = Metrics.load(reports).to_dict()  # the template reads it as a mapping
     summary = TrainSummary.load(model_dir)
     history = pd.read_csv(require_file(model_dir / HISTORY_NAME, "train"))
     predictions = pd.read_csv(require_file(reports / PREDICTIONS_NAME, "evaluate"),
                               dtype={"objid": str})
-    trained_with = model_train_config(cfg, name)
-    kind_label, architecture = model_kinds()[mc.kind].describe(cfg, mc, summary.pretrained)
+    trained_with = model_train_config(trained_cfg, name)
+    kind_label, architecture = model_kinds()[mc.kind].describe(trained_cfg, mc,
+                                                               summary.pretrained)
     caveats = []
     if cfg.data.source == "mock":
         caveats.append("Trained and tested on simulated galaxies: real SDSS images have "
@@ -134,7 +139,7 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: PreparedMe
     if metrics["n_test"] < 500:
         caveats.append(f"The test split is small ({metrics['n_test']} galaxies): the 95% "
                        "intervals above show how uncertain each figure is.")
-    framing = framing_description(cfg.prepare)
+    framing = framing_description(trained_cfg.prepare)
     stress = metrics.get("framing_stress") or {}
     if stress:
         worst = min(stress, key=lambda k: stress[k]["macro_f1"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -72,3 +74,17 @@ def test_cards_credit_the_data_and_describe_on_the_fly_augmentation():
     sdss = validate(compose(["data=sdss"]))
     assert "Galaxy Zoo 1 (Lintott et al. 2008, 2011) at vote fraction >= 0.8" in (
         source_description(sdss.data))
+
+
+@pytest.mark.slow
+def test_a_card_describes_how_its_model_was_trained_not_the_current_params(trained_tiny):
+    from omegaconf import OmegaConf
+
+    from pipeline import report
+
+    cfg, _ = trained_tiny
+    changed = OmegaConf.merge(cfg, {"train": {"label_smoothing": 0.2, "ema_momentum": 0.9}})
+    report.run(changed)
+    card = (Path(cfg.paths.reports) / "cards" / "cnn.md").read_text()
+    assert "Adam, sparse categorical cross-entropy" in card
+    assert "smoothed" not in card and "Polyak" not in card
