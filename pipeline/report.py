@@ -118,11 +118,11 @@ def _relative(target: Path, start: Path) -> str:
 def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: PreparedMeta) -> dict:
     layout = Layout.from_config(cfg)
     reports, model_dir = layout.report_dir(name), layout.model_dir(name)
+    metrics = Metrics.load(reports).to_dict()  # the template reads it as a mapping
     # The card describes how this model was trained (its bundle's config.yaml), even when
     # the current params have changed since.
     trained_cfg = load_trained_config(model_dir)
     mc = trained_cfg.models[name]
-    metrics = Metrics.load(reports).to_dict()  # the template reads it as a mapping
     summary = TrainSummary.load(model_dir)
     history = pd.read_csv(require_file(model_dir / HISTORY_NAME, "train"))
     predictions = pd.read_csv(require_file(reports / PREDICTIONS_NAME, "evaluate"),
