@@ -81,6 +81,12 @@ def read_csv_catalog(path: Path, key: str, encoding: str = "utf-8",
     return pd.DataFrame(rows, columns=header, dtype=str)
 
 
+def image_paths(names, root: Path) -> list[Path]:
+    """The image files a catalog column names: absolute paths as written, relative ones read
+    from ``root`` (the catalog's own folder unless the config says otherwise)."""
+    return [Path(n) if Path(n).is_absolute() else Path(root) / n for n in names]
+
+
 def numeric_column(catalog: pd.DataFrame, column: str, path: Path, low: float, high: float,
                    unit: str) -> pd.Series:
     """``column`` as floats in [low, high]; an empty cell is NaN, anything else is an error

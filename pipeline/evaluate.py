@@ -42,7 +42,7 @@ from pipeline.calibration import (
     fit_temperature,
     set_labels,
 )
-from pipeline.catalog import read_csv_catalog
+from pipeline.catalog import image_paths, read_csv_catalog
 from pipeline.config import stage_main
 from pipeline.errors import PipelineError
 from pipeline.inference import (
@@ -159,8 +159,7 @@ def cross_check(trained: TrainedModel, name: str, check: DictConfig,
             f"{path}: {key}.positive = {list(check.positive)} matches {int(positive.sum())} of "
             f"{len(positive)} rows; a ROC AUC needs both kinds (labels there: "
             f"{sorted(catalog[check.label_column].unique())[:10]})")
-    paths = [Path(f) if Path(f).is_absolute() else path.parent / f
-             for f in catalog[check.image_column]]
+    paths = image_paths(catalog[check.image_column], path.parent)
     images, kept, skipped = load_images(paths, trained.preprocessing,
                                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     if not kept.any():

@@ -47,7 +47,7 @@ from pipeline.artifacts import (
     load_trained_config,
 )
 from pipeline.calibration import set_labels
-from pipeline.catalog import read_csv_catalog
+from pipeline.catalog import image_paths, read_csv_catalog
 from pipeline.config import stage_main, validate_predict
 from pipeline.errors import PipelineError
 from pipeline.inference import TTA_MODES
@@ -117,8 +117,7 @@ def list_inputs(input_path: Path, image_column: str, encoding: str = "utf-8") ->
     if image_column not in catalog.columns:
         raise PredictError(f"{input_path}: no column image_column = {image_column!r}; the "
                            f"catalog has {list(catalog.columns)}")
-    root = input_path.parent
-    paths = [Path(g) if Path(g).is_absolute() else root / g for g in catalog[image_column]]
+    paths = image_paths(catalog[image_column], input_path.parent)
     return Inputs(_numeric_columns(catalog), paths, input_path, file_sha256(input_path))
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 from omegaconf import MISSING, DictConfig
 from tqdm import tqdm
 
-from pipeline.catalog import CatalogError, numeric_column, read_csv_catalog
+from pipeline.catalog import CatalogError, image_paths, numeric_column, read_csv_catalog
 from pipeline.errors import require
 from pipeline.io import ImageError, ensure_free_space, image_kind, is_within, read_image
 from pipeline.sources import SourceKind
@@ -77,8 +77,7 @@ def fetch_folder(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
         raise CatalogError(f"no galaxy left after mapping labels: data.folder.label_map covers "
                            f"none of the labels {sorted(raw_labels.unique())[:20]}")
 
-    sources = [Path(g) if Path(g).is_absolute() else root / g
-               for g in catalog[fc.image_column]]
+    sources = image_paths(catalog[fc.image_column], root)
     raw = Path(cfg.paths.raw)
     inside = next((s for s in sources if is_within(s, raw)), None)
     if inside is not None:
