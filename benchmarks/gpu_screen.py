@@ -91,17 +91,11 @@ def load_frames(path: Path):
 
 
 def view(images: np.ndarray, fraction: float, size: int) -> np.ndarray:
-    """The stored frames re-framed so the radius spans ``fraction``, at ``size`` px, in [-1, 1]."""
-    import keras
+    """The stored frames re-framed so the radius spans ``fraction``, at ``size`` px, in [-1, 1],
+    by prepare's own crop, resize and display normalisation."""
+    from pipeline.preprocess import crop_and_resize, normalize_display
 
-    keep = round(STORED_SIDE * STORED_FRACTION / fraction)
-    top = (STORED_SIDE - keep) // 2
-    out = []
-    for start in range(0, len(images), 512):
-        crop = images[start:start + 512, top:top + keep, top:top + keep].astype("float32")
-        out.append(keras.ops.convert_to_numpy(keras.ops.image.resize(
-            crop, (size, size), interpolation="bilinear", antialias=True)))
-    return np.clip(np.concatenate(out) / 127.5 - 1.0, -1.0, 1.0).astype("float32")
+    return normalize_display(crop_and_resize(images, STORED_FRACTION / fraction, size))
 
 
 def augment_layer(cfg, seed: int):
