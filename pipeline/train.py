@@ -272,6 +272,31 @@ def phase_learning_rate(peak: float, epochs: int, steps_per_epoch: int, t: DictC
         warmup_target=peak if warmup else None, warmup_steps=warmup)
 
 
+def adam(lr_scales: dict[str, float] | None, **kwargs):
+    """Keras' Adam, with each weight's step scaled by its ``lr_scales`` entry when given.
+
+    Adam divides the gradient by its own running scale, so scaling gradients would change
+    nothing: the factor has to multiply the rate, which ``update_step`` receives per weight.
+    """
+    import keras
+
+    if not lr_scales:
+        return keras.optimizers.Adam(**kwargs)
+
+    class LayerwiseAdam(keras.optimizers.Adam):
+        def build(self, variables):
+            super().build(variables)
+            # update_step may get the backend's variable, which has no Keras path
+            self.scale_by_key = {self._var_key(v): lr_scales.get(v.path, 1.0) for v in variables}
+
+        def update_step(self, gradient, variable, learning_rate):
+            scale = self.scale_by_key.get(self._var_key(variable), 1.0)
+            super().update_step(gradient, variable,
+                                learning_rate if scale == 1.0 else learning_rate * scale)
+
+    return LayerwiseAdam(**kwargs)
+
+
 def best_epoch_row(history, records: list[dict], min_epochs: int):
     """The history row of the weights kept: lowest val_loss among epochs past each phase's
     first ``min_epochs`` (the last epoch if none qualified, as then nothing was restored)."""
@@ -340,8 +365,8 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
         rate = phase_learning_rate(phase.learning_rate, phase.epochs,
                                    -(-len(y_train) // t.batch_size), t)
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=rate, use_ema=t.ema_momentum > 0,
-                                            ema_momentum=t.ema_momentum or 0.99),
+            optimizer=adam(phase.lr_scales, learning_rate=rate, use_ema=t.ema_momentum > 0,
+                           ema_momentum=t.ema_momentum or 0.99),
             loss=loss,
             metrics=["accuracy"],
             jit_compile=bool(t.jit_compile),
@@ -368,6 +393,9 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
         log.info("phase %s: up to %d epochs at learning rate %g; %s (%d trainable weights)",
                  phase.name, phase.epochs, phase.learning_rate, schedule_description(t),
                  len(model.trainable_weights))
+        if phase.lr_scales:
+            log.info("layer-wise learning rates: the lowest backbone stage at %g of the rate",
+                     min(phase.lr_scales.values()))
         phase_start = epoch  # where the previous phase ended
         checkpoint.start_epoch = early_stopping.start_from_epoch = phase_start + t.min_epochs
         model.fit(train_ds, validation_data=val_ds, initial_epoch=epochs_logged(state),

@@ -102,3 +102,47 @@ def test_cnn_input_size_resizes_inside_the_model(tiny_cfg):
     tiny_cfg.models.cnn.filters = [8, 8, 8]
     with pytest.raises(ConfigError, match=r"shrinks a 16-pixel image .* models.cnn.input_size"):
         build(tiny_cfg, "cnn", size=48)
+
+
+def test_layerwise_decay_slows_each_lower_stage_of_the_backbone(tiny_cfg, tmp_path):
+    """``layer_lr_decay``: one fine-tuning step moves the first convolution ``decay ** 4`` as
+    far as the last (MobileNet has five feature-map sizes), and the head at the full rate."""
+    import keras
+    import numpy as np
+
+    from pipeline.models import set_trainable_from
+    from pipeline.train import adam
+
+    # Stands in for ImageNet weights, offline. Fresh batch norms would shrink the signal to
+    # 1e-16 by the top, below Adam's epsilon: give them one random batch's statistics.
+    backbone = keras.applications.MobileNet(include_top=False, weights=None, alpha=0.25,
+                                            input_shape=(32, 32, 3))
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (8, 32, 32, 3)).astype("float32")
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    backbone(images, training=True)
+    weights = tmp_path / "backbone.weights.h5"
+    backbone.save_weights(weights)
+    tiny_cfg.models.transfer.update(backbone="mobilenet", alpha=0.25, weights=str(weights),
+                                    fine_tune_layers=1000, layer_lr_decay=0.5)
+    built = build(tiny_cfg, "transfer")
+    fine_tuning = built.phases[1]
+    set_trainable_from(built.model, built.backbone_name, fine_tuning.trainable_from)
+    rate = 1e-3
+    built.model.compile(optimizer=adam(fine_tuning.lr_scales, learning_rate=rate),
+                        loss="sparse_categorical_crossentropy")
+    first, last = "conv1/kernel", "conv_pw_13/kernel"
+    assert fine_tuning.lr_scales[first] == 0.5 ** 4 and fine_tuning.lr_scales[last] == 1.0
+    named = {w.path: w for w in built.model.trainable_weights}
+    head = next(p for p in named if p.startswith("head"))
+    before = {p: keras.ops.convert_to_numpy(named[p]) for p in (first, last, head)}
+    built.model.train_on_batch(images, np.arange(8) % 3)
+    # Adam's first step moves every weight with a gradient by about the rate it is given.
+    moved = {p: np.abs(keras.ops.convert_to_numpy(named[p]) - before[p]).max() for p in before}
+    assert moved[first] == pytest.approx(rate * 0.5 ** 4, rel=0.05)
+    assert moved[last] == pytest.approx(rate, rel=0.05)
+    assert moved[head] == pytest.approx(rate, rel=0.05)
+    tiny_cfg.models.transfer.layer_lr_decay = 1.0
+    assert build(tiny_cfg, "transfer").phases[1].lr_scales is None

@@ -29,6 +29,8 @@ class Phase:
     epochs: int
     learning_rate: float
     trainable_from: int | None = None  # backbone layers from this index on are trainable
+    # learning-rate multiplier per weight (``variable.path``); weights not named learn at 1x
+    lr_scales: dict[str, float] | None = None
 
 
 # Keras' default batch-norm momentum (0.99) lets the moving statistics that validation uses

@@ -44,6 +44,20 @@ class TransferFields:
     fine_tune_layers: int = MISSING
     fine_tune_epochs: int = MISSING
     fine_tune_learning_rate: float = MISSING
+    layer_lr_decay: float = MISSING
+
+
+def layerwise_lr_scales(backbone, decay: float) -> dict[str, float] | None:
+    """Discriminative fine-tuning (Howard & Ruder 2018; Zoobot's ``lr_decay``): each backbone
+    stage learns at ``decay`` times the rate of the stage above it, so the general,
+    high-resolution features move least. A stage is one feature-map resolution, which needs no
+    per-backbone table of block names; the top stage and the head learn at the full rate."""
+    if decay == 1.0:
+        return None
+    layers = [layer for layer in backbone.layers if layer.weights]
+    sides = sorted({int(layer.output.shape[1]) for layer in layers})  # smallest = top stage
+    return {w.path: float(decay ** sides.index(int(layer.output.shape[1])))
+            for layer in layers for w in layer.weights}
 
 
 def backbone_weights(mc: DictConfig, name: str) -> str | None:
@@ -124,7 +138,8 @@ def build_transfer(mc: DictConfig, input_shape: tuple[int, int, int], n_classes:
         phases = [Phase("feature_extraction", train.epochs, train.learning_rate, None)]
         if mc.fine_tune_epochs > 0 and mc.fine_tune_layers > 0:
             phases.append(Phase("fine_tuning", mc.fine_tune_epochs, mc.fine_tune_learning_rate,
-                                max(0, n_layers - int(mc.fine_tune_layers))))
+                                max(0, n_layers - int(mc.fine_tune_layers)),
+                                layerwise_lr_scales(backbone, float(mc.layer_lr_decay))))
     else:
         phases = [Phase("train_all", train.epochs + mc.fine_tune_epochs, train.learning_rate)]
     return BuiltModel(model, phases, pretrained, backbone.name)
@@ -149,6 +164,8 @@ def validate(cfg: DictConfig, name: str, mc: DictConfig) -> None:
     require(within(mc.fine_tune_learning_rate, 0, 10) and mc.fine_tune_learning_rate > 0,
             f"{k}.fine_tune_learning_rate", mc.fine_tune_learning_rate,
             "a positive number up to 10")
+    require(within(mc.layer_lr_decay, 0, 1) and mc.layer_lr_decay > 0, f"{k}.layer_lr_decay",
+            mc.layer_lr_decay, "a number in (0, 1]: 1 = every layer at the same rate")
 
 
 def describe(cfg: DictConfig, mc: DictConfig, pretrained: bool | None) -> tuple[str, str]:
