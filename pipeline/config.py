@@ -287,8 +287,11 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
             if other != mc.kind:
                 for f in dataclasses.fields(kind.fields):
                     mc[f.name] = None
+        for key, value in kinds[mc.kind].added_later.items():
+            if key not in given[name]:
+                mc[key] = value
         unset = [f.name for f in dataclasses.fields(kinds[mc.kind].fields)
-                 if f.name not in given[name]]
+                 if f.name not in given[name] and f.name not in kinds[mc.kind].added_later]
         if unset:
             raise ConfigError(f"config key 'models.{name}.{unset[0]}' has no value: every "
                               f"{mc.kind} model sets it (see conf/models/{mc.kind}.yaml)")

@@ -145,3 +145,15 @@ def test_a_model_may_override_any_train_key_for_itself():
     cnn, transfer = model_train_config(cfg, "cnn"), model_train_config(cfg, "transfer")
     assert (cnn.learning_rate, cnn.epochs) == (3e-4, 7)
     assert (transfer.learning_rate, transfer.epochs) == (1e-3, 7)
+
+
+def test_a_config_saved_before_a_key_existed_still_validates_as_it_trained():
+    """A model's config.yaml from before ``layer_lr_decay`` (the released gz1-cnn-v2's) reads
+    as every layer at one rate; a user's model file that leaves out an older key is still
+    refused by name."""
+    cfg = OmegaConf.to_container(compose(), resolve=True)
+    del cfg["models"]["transfer"]["layer_lr_decay"]
+    assert validate(cfg).models.transfer.layer_lr_decay == 1.0
+    del cfg["models"]["transfer"]["fine_tune_epochs"]
+    with pytest.raises(ConfigError, match=r"'models.transfer.fine_tune_epochs' has no value"):
+        validate(cfg)

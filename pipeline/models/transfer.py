@@ -176,4 +176,5 @@ def describe(cfg: DictConfig, mc: DictConfig, pretrained: bool | None) -> tuple[
                    f"softmax; L2 {mc.l2} on the head.")
 
 
-KIND = ModelKind("transfer", TransferFields, validate, build_transfer, describe)
+KIND = ModelKind("transfer", TransferFields, validate, build_transfer, describe,
+                 added_later={"layer_lr_decay": 1.0})  # before it, every layer alike
