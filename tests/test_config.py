@@ -108,6 +108,8 @@ def test_dot_overrides_reach_one_model_only():
     ("evaluate.tta=flips", r"'evaluate.tta' = 'flips' is invalid: one of \['none', 'rot4'"),
     ("evaluate.tta_zoom=3",
      r"'evaluate.tta_zoom' = 3.0 is invalid: a magnification in \[0.5, 2.0\]"),
+    ("models.transfer.layer_lr_decay=1.5",
+     r"'models.transfer.layer_lr_decay' = 1.5 is invalid: a number in \(0, 1\]"),
     ("train.class_weight=oversample",
      r"'train.class_weight' = 'oversample' is invalid: 'balanced' .*'resample' .*'none'"),
 ])
