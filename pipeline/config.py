@@ -287,11 +287,14 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
             if other != mc.kind:
                 for f in dataclasses.fields(kind.fields):
                     mc[f.name] = None
-        for key, value in kinds[mc.kind].added_later.items():
-            if key not in given[name]:
-                mc[key] = value
-        unset = [f.name for f in dataclasses.fields(kinds[mc.kind].fields)
-                 if f.name not in given[name] and f.name not in kinds[mc.kind].added_later]
+        unset = []
+        for f in dataclasses.fields(kinds[mc.kind].fields):
+            if f.name in given[name]:
+                continue
+            if f.default == MISSING:
+                unset.append(f.name)
+            else:  # a key added after models were saved: its default does what came before
+                mc[f.name] = f.default
         if unset:
             raise ConfigError(f"config key 'models.{name}.{unset[0]}' has no value: every "
                               f"{mc.kind} model sets it (see conf/models/{mc.kind}.yaml)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import MISSING, DictConfig
@@ -71,9 +71,6 @@ class ModelKind:
     build: Callable[..., BuiltModel]  # (mc, input_shape, n_classes, train, name)
     # (cfg, mc, pretrained) -> the card's label and one-sentence architecture
     describe: Callable[[DictConfig, DictConfig, bool | None], tuple[str, str]]
-    # keys added after models were saved, at the value that does what the code did before
-    # them: a saved config.yaml without one still validates (say, to re-prepare its split)
-    added_later: dict[str, Any] = field(default_factory=dict)
 
 
 @functools.cache

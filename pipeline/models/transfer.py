@@ -44,7 +44,9 @@ class TransferFields:
     fine_tune_layers: int = MISSING
     fine_tune_epochs: int = MISSING
     fine_tune_learning_rate: float = MISSING
-    layer_lr_decay: float = MISSING
+    # Added after models were released: a saved config.yaml without it (gz1-cnn-v2's) still
+    # validates, at the value that does what the code did before it: every layer alike.
+    layer_lr_decay: float = 1.0
 
 
 def layerwise_lr_scales(backbone, decay: float) -> dict[str, float] | None:
@@ -176,5 +178,4 @@ def describe(cfg: DictConfig, mc: DictConfig, pretrained: bool | None) -> tuple[
                    f"softmax; L2 {mc.l2} on the head.")
 
 
-KIND = ModelKind("transfer", TransferFields, validate, build_transfer, describe,
-                 added_later={"layer_lr_decay": 1.0})  # before it, every layer alike
+KIND = ModelKind("transfer", TransferFields, validate, build_transfer, describe)
