@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --memory   # peak RSS at N and 4N training images
     python benchmarks/train_throughput.py --experiment gz1 --prepared /tmp/gz1/prepared \
         [--images 768] [--epochs 3]   # what users run: both gz1 models, on-the-fly augmentation
+        [--set train.mixed_precision=true]   # any config override on top of the experiment
 
 ``--experiment gz1`` builds each model as ``experiment=gz1`` does (the CNN; the transfer
 model in its frozen and its fine-tuning phase) and trains it for a few epochs (a) through
@@ -152,7 +153,7 @@ def measured_fit(model, data, epochs: int, n: int, **kwargs) -> dict:
 
 
 def experiment(name: str, prepared: Path, n: int, epochs: int, weights: str | None,
-               rows_wanted: list[str]) -> None:
+               rows_wanted: list[str], settings: list[str]) -> None:
     import keras
     from omegaconf import OmegaConf
 
@@ -160,12 +161,12 @@ def experiment(name: str, prepared: Path, n: int, epochs: int, weights: str | No
     from pipeline.augment import augment_copies
     from pipeline.config import compose, model_train_config, validate
     from pipeline.models import build_model, set_trainable_from
-    from pipeline.train import class_balance_weights, make_dataset
+    from pipeline.train import class_balance_weights, make_dataset, precision_policy
 
     overrides = [f"experiment={name}"]
     if weights:
         overrides.append(f"models.transfer.weights={weights}")
-    cfg = validate(compose(overrides))
+    cfg = validate(compose(overrides + settings))
     split = load_split(prepared, "train", stream=True)
     rows = np.arange(min(n, len(split["labels"])))
     labels = split["labels"][rows]
@@ -181,6 +182,7 @@ def experiment(name: str, prepared: Path, n: int, epochs: int, weights: str | No
         t = model_train_config(cfg, model_name)
         weights_by_class = class_balance_weights(t.class_weight, labels)
         class_weight = weights_by_class if t.class_weight == "balanced" else None
+        keras.mixed_precision.set_global_policy(precision_policy(bool(t.mixed_precision)))
         results = {}
         for path in ("raw model.fit", "pipeline.train", "pipeline.train, streamed from disk"):
             keras.utils.set_random_seed(0)
@@ -202,7 +204,8 @@ def experiment(name: str, prepared: Path, n: int, epochs: int, weights: str | No
                 results[path] = measured_fit(built.model, (ds,), epochs, len(rows),
                                              class_weight=class_weight)
         raw, ours = results["raw model.fit"], results["pipeline.train"]
-        print(json.dumps({"model": model_name, "phase": phase, **{
+        print(json.dumps({"model": model_name, "phase": phase,
+                          "precision": keras.mixed_precision.global_policy().name, **{
             f"{k} ({path})": v for path, r in results.items() for k, v in r.items()},
             "ratio": round(ours["images/s"] / raw["images/s"], 3)}))
 
@@ -222,10 +225,13 @@ def main() -> None:
     parser.add_argument("--weights", help="ImageNet weights file for the transfer model",
                         default=str(Path(__file__).resolve().parents[2] / "shared" / "weights"
                                     / "mobilenet_v2_alpha1.0_224_imagenet_no_top.h5"))
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides on top of the experiment, e.g. "
+                             "models.cnn.train.mixed_precision=true")
     args = parser.parse_args()
     if args.experiment:
         experiment(args.experiment, args.prepared, args.images, args.epochs, args.weights,
-                   args.rows)
+                   args.rows, args.set)
     elif args.one_memory_run:
         one_memory_run(args.one_memory_run, args.size)
     elif args.memory:

@@ -134,6 +134,7 @@ class TrainConfig:
     min_epochs: int = MISSING
     ema_momentum: float = MISSING
     label_smoothing: float = 0.0  # a default: bundles trained before the key existed stay valid
+    mixup: float = 0.0
     seed: int = MISSING
     deterministic: bool = MISSING
     mixed_precision: bool = MISSING
@@ -550,6 +551,8 @@ def _validate_train(t: DictConfig, key: str) -> None:
     _require(_in(t.label_smoothing, 0, 0.5) and t.label_smoothing < 0.5,
              f"{key}.label_smoothing", t.label_smoothing,
              "a fraction in [0, 0.5): 0 = hard labels, 0.1 = 10% of each target spread evenly")
+    _require(_in(t.mixup, 0, 10), f"{key}.mixup", t.mixup,
+             "a Beta(alpha, alpha) parameter in [0, 10]: 0 = no blending, 0.2 = mostly light ones")
     _require(0 <= t.seed <= SEED_MAX, f"{key}.seed", t.seed, f"an integer in [0, {SEED_MAX}]")
     _require(t.verbose in (0, 1, 2), f"{key}.verbose", t.verbose,
              "0 (silent), 1 (progress bar) or 2 (one line per epoch)")

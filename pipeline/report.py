@@ -176,6 +176,7 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: PreparedMe
         "min_epochs": trained_with.min_epochs,
         "ema_momentum": trained_with.ema_momentum,
         "label_smoothing": trained_with.label_smoothing,
+        "mixup": trained_with.mixup,
         "model_path": (model_dir / MODEL_NAME).as_posix(),
         "metrics": metrics,
         "ci": bootstrap_intervals(predictions, data_meta.classes),

@@ -136,6 +136,37 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, s
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def mixup(ds, alpha: float, n_classes: int, class_weight: dict | None, seed: int):
+    """Blend every training image with another of its batch (``train.mixup``; Zhang et al.
+    2018): image and one-hot target alike, by a share drawn from Beta(alpha, alpha). Blends
+    with no clear class teach the model to hedge between similar-looking classes (faint discs
+    and ellipticals) instead of memorising the noisy volunteer labels. Each image keeps the
+    larger share, and its loss weight is the blend of the two classes' weights."""
+    import tensorflow as tf
+
+    weight_of = tf.constant([float((class_weight or {}).get(c, 1.0)) for c in range(n_classes)],
+                            tf.float32)
+    draws = tf.data.Dataset.random(seed=seed + 2, rerandomize_each_iteration=True)
+
+    def blend(batch, draw):
+        x, y = batch
+        n = tf.shape(y)[0]
+        gamma = tf.random.stateless_gamma([2, n], tf.stack([tf.constant(seed, tf.int64), draw]),
+                                          alpha=alpha)
+        share = gamma[0] / tf.maximum(gamma[0] + gamma[1], 1e-12)
+        share = tf.maximum(share, 1.0 - share)
+        other = tf.random.experimental.stateless_shuffle(
+            tf.range(n), tf.stack([tf.constant(seed + 1, tf.int64), draw]))
+        target = tf.one_hot(y, n_classes)
+        mixed_x = (share[:, None, None, None] * x
+                   + (1.0 - share[:, None, None, None]) * tf.gather(x, other))
+        mixed_y = share[:, None] * target + (1.0 - share[:, None]) * tf.gather(target, other)
+        return mixed_x, mixed_y, tf.linalg.matvec(mixed_y, weight_of)
+
+    return tf.data.Dataset.zip(ds, draws).map(
+        blend, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
 def epoch_stats_callback(phase: int, n_images: int):
     """Adds learning rate, phase number, wall time and throughput to each epoch's logs.
 
@@ -159,6 +190,17 @@ def epoch_stats_callback(phase: int, n_images: int):
             logs["phase"] = float(phase)
 
     return EpochStats()
+
+
+def precision_policy(mixed: bool) -> str:
+    """The Keras dtype policy of ``train.mixed_precision``: float16 where GPUs run it on
+    tensor cores, bfloat16 on a CPU, whose oneDNN kernels have bfloat16 (AVX512_BF16, AMX)
+    but fall back to slow generic code for float16. Weights and the softmax stay float32."""
+    if not mixed:
+        return "float32"
+    import tensorflow as tf
+
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
 
 
 def distribution_strategy(name: str):
@@ -338,12 +380,16 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
                             balanced=t.class_weight == "resample")
     val_ds = make_dataset(x_val, y_val, t.batch_size, False, t.seed)
     loss = "sparse_categorical_crossentropy"
-    if t.label_smoothing > 0:  # smoothing needs one-hot targets; class weights still apply
+    if t.label_smoothing > 0 or t.mixup > 0:  # both need one-hot targets
         import tensorflow as tf
 
         classes = int(model.output_shape[-1])
-        train_ds, val_ds = (ds.map(lambda x, y: (x, tf.one_hot(y, classes)))
-                            for ds in (train_ds, val_ds))
+        val_ds = val_ds.map(lambda x, y: (x, tf.one_hot(y, classes)))
+        if t.mixup > 0:  # the blend carries the class weights as sample weights
+            train_ds = mixup(train_ds, float(t.mixup), classes, class_weight, int(t.seed))
+            class_weight = None
+        else:
+            train_ds = train_ds.map(lambda x, y: (x, tf.one_hot(y, classes)))
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=float(t.label_smoothing))
     best_weights = state / "best.weights.h5"
     checkpoint = CheckpointAfter(
@@ -460,11 +506,11 @@ def fit(cfg: DictConfig, name: str, meta: PreparedMeta, state: Path) -> Fitted:
     balance_weights = class_balance_weights(t.class_weight, train["labels"])
     class_weight = balance_weights if t.class_weight == "balanced" else None
 
-    keras.mixed_precision.set_global_policy("mixed_float16" if t.mixed_precision else "float32")
+    policy = precision_policy(bool(t.mixed_precision))
+    keras.mixed_precision.set_global_policy(policy)
     strategy = distribution_strategy(t.strategy)
-    log.info("strategy %s with %d replica(s); mixed precision %s; XLA %s",
-             type(strategy).__name__, strategy.num_replicas_in_sync, t.mixed_precision,
-             t.jit_compile)
+    log.info("strategy %s with %d replica(s); precision %s; XLA %s",
+             type(strategy).__name__, strategy.num_replicas_in_sync, policy, t.jit_compile)
     with strategy.scope():
         built = build_model(mc, input_shape, scheme.n_classes, t, name=name)
     log.info("training %s (%s, %d parameters) on %d images, validating on %d", name, mc.kind,

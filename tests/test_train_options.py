@@ -34,6 +34,13 @@ def test_training_runs_under_each_strategy_and_precision(prepared_tiny, tmp_path
 
     model = load_keras_model(Path(cfg.paths.models) / "cnn")
     assert model.get_layer("probabilities").dtype_policy.compute_dtype == "float32"
+    if "train.mixed_precision=true" in options:  # the convolutions in the device's half type
+        import tensorflow as tf
+
+        half = "float16" if tf.config.list_physical_devices("GPU") else "bfloat16"
+        convolutions = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+        assert convolutions
+        assert {layer.dtype_policy.compute_dtype for layer in convolutions} == {half}
 
 
 def test_on_the_fly_augmentation_draws_new_copies_every_epoch():
@@ -270,3 +277,53 @@ def test_keras_multi_worker_fit_still_fails_upstream(tmp_path):
                zip(workers, outputs, strict=True)), (
         "Keras multi-worker fit now runs: re-enable train.strategy=multi_worker\n"
         + "\n".join(o[-1500:] for o in outputs))
+
+
+def test_mixup_blends_images_targets_and_class_weights_alike():
+    """Each image becomes a blend of two galaxies of its batch, and its target and loss weight
+    are the same blend of theirs: the model is never told a blend is pure."""
+    import numpy as np
+    import tensorflow as tf
+
+    from pipeline.train import mixup
+
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 2], np.int32)
+    brightness = np.array([0.0, 1.0, -1.0], np.float32)       # one flat value per class
+    images = np.broadcast_to(brightness[labels][:, None, None, None], (8, 4, 4, 3)).copy()
+    weights = {0: 0.5, 1: 1.0, 2: 2.0}
+    ds = mixup(tf.data.Dataset.from_tensors((images, labels)).repeat(2), 0.4, 3, weights, 7)
+    epochs = [[t.numpy() for t in batch] for batch in ds]
+    for x, y, w in epochs:
+        assert x.shape == images.shape and y.shape == (8, 3) and w.shape == (8,)
+        np.testing.assert_allclose(y.sum(axis=1), 1.0, atol=1e-6)
+        np.testing.assert_allclose(x[:, 0, 0, 0], y @ brightness, atol=1e-6)
+        np.testing.assert_allclose(w, y @ np.array([0.5, 1.0, 2.0]), atol=1e-6)
+        assert (y[np.arange(8), labels] >= 0.5 - 1e-6).all()   # each keeps the larger share
+    assert any((y.max(axis=1) < 0.99).any() for _, y, _ in epochs)  # some are real blends
+    assert not np.allclose(epochs[0][1], epochs[1][1])               # new draws each pass
+
+
+@pytest.mark.slow
+def test_mixup_training_writes_a_card_that_says_so(prepared_tiny, tmp_path):
+    from omegaconf import open_dict
+
+    from pipeline import evaluate, report
+
+    cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
+                      f"paths.prepared={prepared_tiny.paths.prepared}", "train.mixup=0.2")
+    summary = train.run(cfg, "cnn")
+    assert summary.best_val_loss > 0
+    evaluate.run(cfg, "cnn")
+    with open_dict(cfg):
+        del cfg.models["transfer"]  # report only the model trained here
+    report.run(cfg)
+    card = (Path(cfg.paths.reports) / "cards" / "cnn.md").read_text()
+    assert "categorical cross-entropy on mixup blends of image pairs (shares from Beta(0.2, 0.2)" \
+        in card
+    assert "sparse" not in card.split("**Training**")[1].split("\n")[0]
+
+
+def test_mixup_out_of_range_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"'train.mixup' = -0.2 is invalid: a Beta\(alpha, "
+                                         r"alpha\) parameter in \[0, 10\]"):
+        tiny_config(tmp_path, "train.mixup=-0.2")
