@@ -104,6 +104,30 @@ def test_cnn_input_size_resizes_inside_the_model(tiny_cfg):
         build(tiny_cfg, "cnn", size=48)
 
 
+@pytest.mark.parametrize("name", ["cnn", "transfer"])
+def test_a_mixed_precision_model_that_resizes_gives_saliency_maps(tiny_cfg, name):
+    """Under bfloat16 the resize stays float32: TensorFlow has no half-precision gradient of
+    the antialiased resize, and evaluate's saliency maps differentiate through it."""
+    import keras
+    import numpy as np
+
+    from pipeline.evaluate import saliency
+
+    tiny_cfg.models[name].input_size = 32
+    if name == "transfer":
+        tiny_cfg.models.transfer.weights = None
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build(tiny_cfg, name, size=48).model
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("resize").dtype_policy.compute_dtype == "float32"
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 48, 48, 3)).astype(np.float32)
+    maps = saliency(model, images, np.array([0, 2]))
+    assert maps.shape == (2, 48, 48)
+    assert np.isfinite(maps).all() and maps.max() > 0
+
+
 def test_layerwise_decay_slows_each_lower_stage_of_the_backbone(tiny_cfg, tmp_path):
     """``layer_lr_decay``: one fine-tuning step moves the first convolution ``decay ** 4`` as
     far as the last (MobileNet has five feature-map sizes), and the head at the full rate."""

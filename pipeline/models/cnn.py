@@ -54,8 +54,10 @@ def build_cnn(mc: DictConfig, input_shape: tuple[int, int, int], n_classes: int,
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs
     if size != input_shape[0]:
+        # float32 under mixed precision too: TensorFlow's antialiased resize has no
+        # half-precision gradient, which saliency maps need.
         x = keras.layers.Resizing(size, size, interpolation="bilinear", antialias=True,
-                                  name="resize")(x)
+                                  dtype="float32", name="resize")(x)
     for i, filters in enumerate(mc.filters, start=1):
         x = keras.layers.Conv2D(filters, mc.kernel_size, padding=mc.padding,
                                 use_bias=not mc.batch_norm, kernel_regularizer=reg,

@@ -128,8 +128,9 @@ def build_transfer(mc: DictConfig, input_shape: tuple[int, int, int], n_classes:
     if (lo, hi) != (-1.0, 1.0):
         x = keras.layers.Rescaling((hi - lo) / 2, offset=(hi + lo) / 2, name="to_backbone")(x)
     if size != input_shape[0]:
-        x = keras.layers.Resizing(size, size, interpolation="bilinear",
-                                  antialias=size < input_shape[0], name="resize")(x)
+        x = keras.layers.Resizing(size, size, interpolation="bilinear",  # float32: see cnn.py
+                                  antialias=size < input_shape[0], dtype="float32",
+                                  name="resize")(x)
     x = backbone(x, training=False if pretrained else None)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = head(x, mc, n_classes)
