@@ -68,6 +68,22 @@ def test_unreachable_imagenet_without_permission_fails_loudly(tiny_cfg, monkeypa
         build(tiny_cfg, "transfer")
 
 
+def test_gz1_without_imagenet_weights_stops_instead_of_training_a_random_backbone(monkeypatch):
+    """Offline with no cached weights, experiment=gz1 names the key to set at once, rather than
+    spending its transfer training on a backbone that has learnt nothing."""
+    from pipeline.config import compose, model_train_config, validate
+    from pipeline.models import build_model
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure (offline)")
+
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
+    cfg = validate(compose(["experiment=gz1"]))
+    with pytest.raises(ConfigError, match=r"set models.transfer.weights to a local .h5 file"):
+        build_model(cfg.models.transfer, (144, 144, 3), 3, model_train_config(cfg, "transfer"),
+                    name="transfer")
+
+
 @pytest.mark.shared_data
 def test_real_imagenet_weights_give_a_frozen_backbone_then_fine_tuning(tiny_cfg):
     path = shared_path("weights", "mobilenet_v1_alpha0.25_224_imagenet_no_top.h5")
