@@ -83,6 +83,20 @@ CLASS_BALANCE_WORDS = {  # train.class_weight, as the card says it
 }
 
 
+def loss_description(t: DictConfig) -> str:
+    """The training loss as the card says it: hard labels, smoothed ones, or mixup blends."""
+    if t.label_smoothing:
+        words = (f"categorical cross-entropy against labels smoothed by {t.label_smoothing} (the "
+                 f"labelled class's target is 1 - {t.label_smoothing} + "
+                 f"{t.label_smoothing}/classes)")
+    else:
+        words = "categorical cross-entropy" if t.mixup else "sparse categorical cross-entropy"
+    if t.mixup:
+        words += (f" on mixup blends of image pairs (shares from Beta({t.mixup}, {t.mixup}), "
+                  "each image keeping the larger share)")
+    return words
+
+
 def run_overrides() -> list[str]:
     """The command-line overrides of this run (empty under DVC, which reads params.yaml)."""
     from hydra.core.hydra_config import HydraConfig
@@ -175,8 +189,7 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: PreparedMe
         "schedule": schedule_description(trained_with),
         "min_epochs": trained_with.min_epochs,
         "ema_momentum": trained_with.ema_momentum,
-        "label_smoothing": trained_with.label_smoothing,
-        "mixup": trained_with.mixup,
+        "loss": loss_description(trained_with),
         "model_path": (model_dir / MODEL_NAME).as_posix(),
         "metrics": metrics,
         "ci": bootstrap_intervals(predictions, data_meta.classes),

@@ -56,28 +56,28 @@ def test_missing_weights_file_is_refused_by_key(tiny_cfg):
         build(tiny_cfg, "transfer")
 
 
-def test_unreachable_imagenet_without_permission_fails_loudly(tiny_cfg, monkeypatch):
-    def offline(*args, **kwargs):
+@pytest.fixture
+def offline(monkeypatch):
+    """What Keras meets with no network and no cached weights, without waiting for DNS."""
+    def unreachable(*args, **kwargs):
         raise Exception("URL fetch failure (offline)")
 
-    # What Keras meets with no network, without waiting for DNS to time out.
-    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", unreachable)
+
+
+def test_unreachable_imagenet_without_permission_fails_loudly(tiny_cfg, offline):
     tiny_cfg.models.transfer.weights = "imagenet"
     tiny_cfg.models.transfer.allow_random_init = False
     with pytest.raises(ConfigError, match=r"allow_random_init=true"):
         build(tiny_cfg, "transfer")
 
 
-def test_gz1_without_imagenet_weights_stops_instead_of_training_a_random_backbone(monkeypatch):
+def test_gz1_without_imagenet_weights_stops_instead_of_training_a_random_backbone(offline):
     """Offline with no cached weights, experiment=gz1 names the key to set at once, rather than
     spending its transfer training on a backbone that has learnt nothing."""
     from pipeline.config import compose, model_train_config, validate
     from pipeline.models import build_model
 
-    def offline(*args, **kwargs):
-        raise Exception("URL fetch failure (offline)")
-
-    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
     cfg = validate(compose(["experiment=gz1"]))
     with pytest.raises(ConfigError, match=r"set models.transfer.weights to a local .h5 file"):
         build_model(cfg.models.transfer, (144, 144, 3), 3, model_train_config(cfg, "transfer"),
