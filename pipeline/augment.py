@@ -1,5 +1,5 @@
-"""Training-set augmentation: rotations, scaling, crops (truncation), flips and blur, as
-TensorFlow ops.
+"""Training-set augmentation: rotations, scaling, crops (truncation), flips, blur and
+brightness and colour changes, as TensorFlow ops.
 
 Geometry is one affine map per image (rotation x zoom x flip x crop composed into a single
 matrix), applied to a whole batch at once by ``keras.ops.image.affine_transform``, so every
@@ -112,6 +112,13 @@ def random_augment(images, cfg: DictConfig, seed):
     sigmas = tf.where(uniform(6, 0, 1) < cfg.blur_probability,
                       uniform(7, 0, cfg.blur_sigma), 0.0)
     out = gaussian_blur(out, sigmas, float(cfg.blur_sigma))
+    if cfg.brightness > 0 or cfg.colour > 0:
+        # Log-normal factors, one per image and one per image and band (Dieleman et al. 2015
+        # perturbed colour and brightness): the same galaxy imaged deeper, or through another
+        # survey's zero points. They scale what lies above the black level (-1), so sky stays.
+        draws = tf.random.stateless_normal([n, images.shape[3] + 1], streams[8])
+        factors = tf.exp(cfg.brightness * draws[:, :1] + cfg.colour * draws[:, 1:])
+        out = (out + 1.0) * factors[:, None, None, :] - 1.0
     return tf.clip_by_value(out, -1.0, 1.0)
 
 

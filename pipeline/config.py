@@ -117,6 +117,8 @@ class AugmentConfig:
     flip: bool = MISSING
     crop_fraction: float = MISSING
     batch_size: int = MISSING
+    brightness: float = 0.0  # defaults: bundles trained before these keys existed stay valid
+    colour: float = 0.0
 
 
 @dataclass
@@ -454,6 +456,9 @@ def _validate_augment(a: DictConfig) -> None:
              "a fraction in [0.1, 1]")
     _require(1 <= a.batch_size <= 65536, "augment.batch_size", a.batch_size,
              "images per batch in [1, 65536]")
+    for key in ("brightness", "colour"):
+        _require(_in(a[key], 0, 1), f"augment.{key}", a[key],
+                 "the sigma of a log-normal factor in [0, 1] (0 = off; 0.1 = about 10%)")
 
 
 def _validate_evaluate(ev: DictConfig, classes: list[str]) -> None:

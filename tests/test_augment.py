@@ -109,3 +109,42 @@ def test_random_copies_are_graph_ops_seeded_per_batch():
     assert not np.allclose(np.asarray(random_augment(images, cfg, [3, 8])), eager)
     assert "PyFunc" not in {op.type for op in graph.get_concrete_function(
         tf.TensorSpec((None, 32, 32, 3)), tf.TensorSpec((2,), tf.int64)).graph.get_operations()}
+
+
+def only_photometric(brightness: float, colour: float):
+    """The default augmentation with every geometric and blur strength at zero."""
+    return OmegaConf.merge(default_augment(), {
+        "rotation_degrees": 0, "zoom": 0.0, "crop_fraction": 1.0, "flip": False,
+        "blur_sigma": 0.0, "blur_probability": 0.0, "brightness": brightness, "colour": colour})
+
+
+def three_band_galaxies(n: int = 400) -> np.ndarray:
+    """n copies of one galaxy in three bands on black sky (-1), peaking at -0.5."""
+    return np.repeat(np.repeat(gaussian_blob(size=32) * 0.5 - 1, 3, axis=3), n, axis=0)
+
+
+def test_brightness_scales_each_galaxy_above_the_black_sky_by_one_log_normal_factor():
+    from pipeline.augment import random_augment
+
+    images = three_band_galaxies()
+    out = np.asarray(random_augment(images, only_photometric(0.2, 0.0), [1, 2]))
+    lit = images[0] > -0.95
+    ratios = (out[:, lit] + 1) / (images[:, lit] + 1)  # (galaxies, lit pixels of all bands)
+    # one factor per galaxy, for every pixel and band; the sky stays black
+    assert np.ptp(ratios, axis=1).max() < 1e-3
+    np.testing.assert_array_equal(out[:, 0, 0, :], -1.0)
+    log_factors = np.log(ratios[:, 0])
+    assert np.std(log_factors) == pytest.approx(0.2, rel=0.15)
+    assert abs(np.mean(log_factors)) < 0.03
+
+
+def test_colour_scales_each_band_by_its_own_factor_and_zero_strength_changes_nothing():
+    from pipeline.augment import random_augment
+
+    images = three_band_galaxies()
+    out = np.asarray(random_augment(images, only_photometric(0.0, 0.1), [1, 2]))
+    bands = np.log((out[:, 16, 16, :] + 1) / (images[:, 16, 16, :] + 1))  # (galaxies, bands)
+    assert np.std(bands, axis=0) == pytest.approx([0.1, 0.1, 0.1], rel=0.15)
+    assert abs(np.corrcoef(bands[:, 0], bands[:, 1])[0, 1]) < 0.2  # independent per band
+    untouched = np.asarray(random_augment(images, only_photometric(0.0, 0.0), [1, 2]))
+    np.testing.assert_array_equal(untouched, images)

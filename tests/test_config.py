@@ -97,6 +97,7 @@ def test_dot_overrides_reach_one_model_only():
     ("prepare.split.test=0.3", r"'prepare.split' = .* three positive fractions that sum to 1"),
     ("model=resnet", r"'model' = 'resnet' is invalid: one of \['cnn', 'transfer'\]"),
     ("augment.zoom=1.5", r"'augment.zoom' = 1.5 is invalid"),
+    ("augment.colour=-0.1", r"'augment.colour' = -0.1 is invalid: the sigma of a log-normal"),
     ("+models.cnn.train.learnig_rate=0.1", r"'models.cnn.train.learnig_rate'"),
     ("+models.cnn.train.epochs=0",
      r"'models.cnn.train.epochs' = 0 is invalid: an integer in \[1, 10000\]"),
