@@ -104,6 +104,10 @@ class PrepareConfig:
     white_percentile: float = MISSING
     split: SplitConfig = field(default_factory=SplitConfig)
     grid_examples: int = MISSING
+    # defaults: bundles trained before catalog_radius existed stay valid
+    radius_column: str | None = None
+    radius_unit: str = "arcsec"
+    pixel_scale: float | None = None
 
 
 @dataclass
@@ -416,12 +420,24 @@ def _validate_prepare(p: DictConfig) -> None:
              "an integer in [16, 1024] pixels")
     _require(_in(p.center_crop, 0, 1) and p.center_crop > 0, "prepare.center_crop",
              p.center_crop, "a fraction in (0, 1]")
-    _require(p.framing in ("fixed", "galaxy_size"), "prepare.framing", p.framing,
-             "fixed (prepare.center_crop of every frame) or galaxy_size (each galaxy cropped to "
-             "its measured half-light radius)")
+    _require(p.framing in ("fixed", "galaxy_size", "catalog_radius"), "prepare.framing",
+             p.framing, "fixed (prepare.center_crop of every frame), galaxy_size (each galaxy "
+             "cropped to its measured half-light radius) or catalog_radius (to the radius in "
+             "the catalog column prepare.radius_column)")
     _require(_in(p.galaxy_radius_fraction, 0.05, 1) and p.galaxy_radius_fraction > 0.05,
              "prepare.galaxy_radius_fraction", p.galaxy_radius_fraction,
-             "the share of the view's half-width the half-light radius spans, in (0.05, 1]")
+             "the share of the view's half-width the galaxy's radius spans, in (0.05, 1]")
+    if p.framing == "catalog_radius":
+        _require(bool(p.radius_column), "prepare.radius_column", p.radius_column,
+                 "the catalog column with each galaxy's radius (e.g. petroR90_r), which "
+                 "prepare.framing = catalog_radius reads")
+        _require(p.radius_unit in ("arcsec", "pixels"), "prepare.radius_unit", p.radius_unit,
+                 "arcsec (with prepare.pixel_scale) or pixels")
+        if p.radius_unit == "arcsec":
+            _require(p.pixel_scale is not None and _in(p.pixel_scale, 1e-4, 3600)
+                     and p.pixel_scale > 1e-4, "prepare.pixel_scale", p.pixel_scale,
+                     "the cutouts' arcsec per pixel (e.g. 0.396 for SDSS frames), which turns "
+                     "prepare.radius_column's arcsec into pixels")
     _require(p.unmeasured in ("skip", "fixed"), "prepare.unmeasured", p.unmeasured,
              "skip (listed like an unreadable cutout) or fixed (prepare.center_crop)")
     _require(_in(p.softening_sigmas, 0.01, 1000), "prepare.softening_sigmas",

@@ -54,7 +54,7 @@ from pipeline.inference import (
 )
 from pipeline.io import DEFAULT_MAX_PIXELS, atomic_path, require_file
 from pipeline.metrics import calibration_bins, classification_metrics
-from pipeline.preprocess import load_images
+from pipeline.preprocess import catalog_radii, load_images
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +117,19 @@ def framing_stress(trained: TrainedModel, raw: Path, test: dict, zooms: list[flo
                             "again")
     paths = [raw / files[str(o)] for o in test["objid"]]
     y = test["labels"]
+    # A catalog radius is in the original cutout's pixels: a reframed copy scales it.
+    row = {o: i for i, o in enumerate(catalog["objid"].astype(str))}
+    radii = catalog_radii(catalog.iloc[[row[str(o)] for o in test["objid"]]],
+                          trained.preprocessing, str(raw / CATALOG_NAME))
     cases = [(f"zoom {z:g}x", {"zoom": float(z)}) for z in zooms]
     cases += [(f"pixels {s:g}x larger", {"resample": 1.0 / float(s)}) for s in pixel_scales]
     result: dict[str, dict[str, float]] = {}
     for name, how in cases:
+        scale = how.get("zoom", 1.0) * how.get("resample", 1.0)
         images, kept, skipped = load_images(
             paths, trained.preprocessing, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-            progress=False, transform=lambda image, how=how: reframe(image, **how))
+            progress=False, transform=lambda image, how=how: reframe(image, **how),
+            radii=None if radii is None else radii * scale)
         predicted = np.full(len(y), -1)
         if kept.any():
             predicted[kept] = trained.predict_proba(images[kept]).argmax(axis=1)
@@ -161,7 +167,9 @@ def cross_check(trained: TrainedModel, name: str, check: DictConfig,
             f"{sorted(catalog[check.label_column].unique())[:10]})")
     paths = image_paths(catalog[check.image_column], path.parent)
     images, kept, skipped = load_images(paths, trained.preprocessing,
-                                        max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+                                        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                                        radii=catalog_radii(catalog, trained.preprocessing,
+                                                            f"{key}.catalog = {path}"))
     if not kept.any():
         raise PipelineError(f"{path}: none of its {len(paths)} cutouts could be read "
                             f"(first: {skipped[0]}); check {key}.image_column")

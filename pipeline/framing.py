@@ -6,7 +6,9 @@ A fixed centre crop (``prepare.framing = fixed``, ``prepare.center_crop``) suits
 framing it was tuned on. ``galaxy_size`` measures the central galaxy's half-light radius on
 the image itself (photutils segmentation and Kron photometry) and crops a square around the
 centre in which that radius spans ``prepare.galaxy_radius_fraction`` of the half-width,
-padding with the frame's own sky where the galaxy is too large for its frame. Prepare and
+padding with the frame's own sky where the galaxy is too large for its frame.
+``catalog_radius`` does the same with a radius the catalog gives (``prepare.radius_column``,
+e.g. SDSS ``petroR90_r`` in arcsec with the cutouts' ``prepare.pixel_scale``). Prepare and
 predict both frame through :func:`frame_galaxy`, with the settings saved in the model.
 """
 
@@ -125,10 +127,16 @@ def galaxy_view_side(radius: float, fraction: float) -> int:
     return max(8, round(2.0 * radius / fraction))
 
 
-def frame_galaxy(image: np.ndarray, fraction: float, display: bool) -> np.ndarray:
-    """``image`` cropped (or sky-padded) so its galaxy's half-light radius spans ``fraction``
-    of the half-width."""
-    return centred_square(image, galaxy_view_side(half_light_radius(image, display), fraction))
+def frame_galaxy(image: np.ndarray, fraction: float, display: bool,
+                 radius: float | None = None) -> np.ndarray:
+    """``image`` cropped (or sky-padded) so its galaxy's radius spans ``fraction`` of the
+    half-width: ``radius`` in pixels where a catalog gives it, else the half-light radius
+    measured on the image."""
+    if radius is None:
+        radius = half_light_radius(image, display)
+    elif not (np.isfinite(radius) and radius > 0):
+        raise UnmeasuredError(f"the catalog's radius ({radius} pixels) is not a positive number")
+    return centred_square(image, galaxy_view_side(radius, fraction))
 
 
 def reframe(image: np.ndarray, zoom: float = 1.0, resample: float = 1.0, seed: int = 0

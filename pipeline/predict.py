@@ -61,7 +61,7 @@ from pipeline.io import (
     check_replaceable,
     is_within,
 )
-from pipeline.preprocess import load_images
+from pipeline.preprocess import catalog_radii, load_images
 from pipeline.release import release_dir
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class Inputs:
     paths: list[Path]
     source: Path | None  # the catalog or folder given (None for a region of sky)
     digest: str  # changes when the input does: old part files are then discarded
+    radii: np.ndarray | None = None  # pixels, for a model framed by a catalog radius
 
 
 def _numeric_columns(table: pd.DataFrame) -> pd.DataFrame:
@@ -300,7 +301,8 @@ def run_chunks(trained: TrainedModel, inputs: Inputs, todo: list[int], chunk_siz
         rows = chunk_rows(n, chunk_size, chunk)
         paths = [inputs.paths[i] for i in rows]
         return rows, load_images(paths, trained.preprocessing, [str(p) for p in paths],
-                                 max_pixels=s.max_pixels, workers=s.workers, progress=False)
+                                 max_pixels=s.max_pixels, workers=s.workers, progress=False,
+                                 radii=None if inputs.radii is None else inputs.radii[rows])
 
     with ThreadPoolExecutor(1) as reader, tqdm(total=sum(len(chunk_rows(n, chunk_size, k))
                                                        for k in todo),
@@ -399,6 +401,12 @@ def run(cfg: DictConfig) -> pd.DataFrame | None:
         check_output(out, None, model_dir, [])
         inputs = region_inputs(cfg, trained_config)
     trained = TrainedModel.load(model_dir)
+    # A model framed by a catalog radius needs that column in the input too.
+    folder = inputs.source is not None and inputs.source.is_dir()
+    inputs.radii = catalog_radii(inputs.table, trained.preprocessing,
+                                 f"input = {inputs.source or 'region'}" + (
+                                     " (a folder: give a catalog CSV with an image column "
+                                     "and this one)" if folder else ""))
     inference = trained.inference
     s = Settings(tta=cfg.tta or inference.tta,
                  zoom=float(cfg.tta_zoom if cfg.tta_zoom is not None else inference.tta_zoom),

@@ -37,7 +37,7 @@ from pipeline.config import stage_main
 from pipeline.errors import MissingInputError, PipelineError
 from pipeline.io import atomic_path, check_replaceable, ensure_free_space, save_arrays
 from pipeline.labels import LabelScheme
-from pipeline.preprocess import load_images
+from pipeline.preprocess import catalog_radii, load_images
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,9 @@ def run(cfg: DictConfig) -> PreparedMeta:
     images, kept, skipped = load_images([raw / f for f in catalog["file"]], cfg.prepare,
                                         catalog["objid"].tolist(),
                                         max_pixels=int(cfg.data.max_image_pixels),
-                                        workers=os.cpu_count() or 1)
+                                        workers=os.cpu_count() or 1,
+                                        radii=catalog_radii(catalog, cfg.prepare,
+                                                            str(raw / CATALOG_NAME)))
     if skipped:
         log.warning("skipped %d cutout(s) (unreadable, or no size to measure); see "
                     "skipped.csv. First: %s", len(skipped), skipped[0]["reason"])
@@ -183,7 +185,7 @@ def run(cfg: DictConfig) -> PreparedMeta:
             n_duplicates_dropped=len(duplicates),
             framing=str(cfg.prepare.framing),
             galaxy_radius_fraction=(float(cfg.prepare.galaxy_radius_fraction)
-                                    if cfg.prepare.framing == "galaxy_size" else None),
+                                    if cfg.prepare.framing != "fixed" else None),
         )
         meta.save(tmp)
     prepared.with_name(f"{prepared.name}-{SKIPPED_NAME}").unlink(missing_ok=True)  # stale now

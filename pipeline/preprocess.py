@@ -3,7 +3,8 @@
 One place for the train-time preparation (:mod:`pipeline.prepare`) and for new galaxies
 (:mod:`pipeline.predict`, with the trained model's own saved settings), so that both see the
 same pixels. Framing is a fixed centre crop or the galaxy's own measured size
-(:mod:`pipeline.framing`, ``prepare.framing``). Normalisation depends on what the file holds:
+(:mod:`pipeline.framing`, ``prepare.framing``), or a radius the catalog gives. Normalisation
+depends on what the file holds:
 
 * flux images (FITS counts): subtract the sky of each band (the median of the cutout's
   border), apply an asinh stretch softened at ``prepare.softening_sigmas`` times the sky
@@ -21,13 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from pipeline.catalog import CatalogError
 from pipeline.framing import UnmeasuredError, border_pixels, frame_galaxy
 from pipeline.io import DEFAULT_MAX_PIXELS, FLUX, ImageError, read_image
 
-FIXED, GALAXY_SIZE = "fixed", "galaxy_size"
+FIXED, GALAXY_SIZE, CATALOG_RADIUS = "fixed", "galaxy_size", "catalog_radius"
 log = logging.getLogger(__name__)
 
 
@@ -85,9 +88,28 @@ def crop_and_resize(images: np.ndarray, center_crop: float, size: int) -> np.nda
     return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
 
 
+def catalog_radii(table: pd.DataFrame, prep: DictConfig, where: str) -> np.ndarray | None:
+    """Each row's galaxy radius in pixels of its cutout, from the column ``prep.radius_column``
+    names (``prepare.framing = catalog_radius``); None for the other framings. Cells that are
+    not numbers come back as NaN: those galaxies are handled as unmeasurable."""
+    if str(prep.get("framing", FIXED)) != CATALOG_RADIUS:
+        return None
+    column = str(prep.radius_column)
+    if column not in table.columns:
+        raise CatalogError(
+            f"{where}: no column {column!r} (prepare.radius_column) with each galaxy's radius, "
+            f"which prepare.framing = catalog_radius needs; the catalog has "
+            f"{list(table.columns)[:20]}")
+    radii = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float)
+    if prep.radius_unit == "arcsec":
+        radii = radii / float(prep.pixel_scale)
+    return radii
+
+
 def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 1, progress: bool = True,
-                transform: Callable[[np.ndarray], np.ndarray] | None = None
+                transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                radii: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Read, crop, resize and normalise cutouts as ``prep`` (a ``prepare`` config) says.
 
@@ -96,13 +118,16 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
     images get exactly the preprocessing the model was trained on. ``workers`` threads decode
     files in parallel (the decoders release the GIL); each image's pixels depend on that image
     alone, so how the files are grouped never changes them. ``transform`` changes each decoded
-    cutout first (evaluate's framing stress test reframes them with it).
+    cutout first (evaluate's framing stress test reframes them with it). ``radii`` are the
+    galaxies' radii in pixels (:func:`catalog_radii`), for ``prepare.framing = catalog_radius``.
     """
     size, crop = int(prep.image_size), float(prep.center_crop)
     # Models trained before framing was a setting used the fixed crop.
     framing = str(prep.get("framing", FIXED))
     fraction = float(prep.get("galaxy_radius_fraction", 1.0))
     fallback = str(prep.get("unmeasured", "skip"))
+    if framing == CATALOG_RADIUS and (radii is None or len(radii) != len(paths)):
+        raise ValueError("prepare.framing = catalog_radius needs one radius per path")
     ids = ids if ids is not None else [str(p) for p in paths]
     out = np.empty((len(paths), size, size, 3), dtype=np.float32)
     kept = np.zeros(len(paths), dtype=bool)
@@ -123,29 +148,32 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
         out[idx] = batch
         kept[idx] = True
 
-    def read(path: Path) -> tuple[np.ndarray, str, float] | str:
+    def read(i: int) -> tuple[np.ndarray, str, float] | str:
         """A decoded cutout, its kind and the centre crop still to apply; or why not."""
+        path = paths[i]
         try:
             image, kind = read_image(path, max_pixels=max_pixels)
         except ImageError as err:
             return str(err)
         if transform is not None:
             image = transform(image)
-        if framing != GALAXY_SIZE:
+        if framing not in (GALAXY_SIZE, CATALOG_RADIUS):
             return image, kind, crop
         try:
-            framed = frame_galaxy(image, fraction, display=kind != FLUX)
+            framed = frame_galaxy(image, fraction, display=kind != FLUX,
+                                  radius=None if radii is None else float(radii[i]))
         except UnmeasuredError as err:
             if fallback == FIXED:
                 centre_cropped.append(str(path))
                 return image, kind, crop
             return (f"{path}: cannot measure the galaxy's size ({err}); prepare.framing = "
-                    "galaxy_size skips it (prepare.unmeasured = fixed would centre-crop it)")
+                    f"{framing} skips it (prepare.unmeasured = fixed would centre-crop it)")
         # Resized here, in the worker: views of every size then batch together.
         return crop_and_resize(framed[None].astype(np.float32), 1.0, size)[0], kind, 1.0
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        decoded = pool.map(read, paths) if workers > 1 else map(read, paths)
+        indices = range(len(paths))
+        decoded = pool.map(read, indices) if workers > 1 else map(read, indices)
         if progress:
             decoded = tqdm(decoded, total=len(paths), desc="read cutouts", unit="img")
         for i, item in enumerate(decoded):

@@ -141,3 +141,30 @@ def test_gz1_dev_folder_maps_to_three_classes(tmp_path):
     mapped = catalog["class_name"].map(dict(cfg.data.folder.label_map)).value_counts()
     assert mapped.to_dict() == {"elliptical": 2787, "edge_on": 599, "spiral": 509}
     assert (root / catalog["filename"].iloc[0]).is_file()
+
+
+def test_kept_catalog_columns_reach_prepare_which_frames_each_galaxy_by_its_radius(tmp_path):
+    catalog = make_folder(tmp_path / "user")
+    table = pd.read_csv(catalog)
+    # galaxy_rgb draws a Gaussian of sigma = side / 10, whose half-light radius is 1.18 sigma
+    sides = [[48, 64, 80][(k % 7) % 3] for k in range(len(table))]
+    table["r_half"] = [1.177 * side / 10 for side in sides]
+    table.to_csv(catalog, index=False)
+    cfg = folder_cfg(tmp_path, catalog, "data.folder.keep_columns=[r_half]",
+                     "prepare.framing=catalog_radius", "prepare.radius_column=r_half",
+                     "prepare.radius_unit=pixels")
+    out = fetch.run(cfg)
+    raw_catalog = pd.read_csv(Path(cfg.paths.raw) / "catalog.csv")
+    assert raw_catalog.set_index("objid")["r_half"].to_dict() == pytest.approx(
+        table.set_index("id")["r_half"].drop([f"merger-{i}" for i in range(7)]).to_dict())
+    assert len(out) == 28
+    meta = prepare.run(cfg)
+    assert meta.framing == "catalog_radius" and meta.n_skipped == 0
+    assert sum(v.galaxies for v in meta.splits.values()) == 28
+
+
+def test_a_kept_column_the_catalog_lacks_is_named(tmp_path):
+    catalog = make_folder(tmp_path / "user", n_per_label=1)
+    cfg = folder_cfg(tmp_path, catalog, "data.folder.keep_columns=[petroR90_r]")
+    with pytest.raises(CatalogError, match=r"missing column\(s\) \['petroR90_r'\]"):
+        fetch.run(cfg)

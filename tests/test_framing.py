@@ -176,3 +176,127 @@ def test_predict_frames_new_cutouts_as_the_models_bundle_says(trained_tiny, tmp_
     assert [Path(p).name for p in table["image"]][:2] == [f"{raw[0].stem}_z1.fits",
                                                           f"{raw[0].stem}_z2.fits"]
     assert np.abs(one - two).mean() < 0.1
+
+
+def test_catalog_radius_framing_crops_each_galaxy_to_the_radius_its_catalog_gives(tmp_path):
+    import pandas as pd
+
+    from pipeline.preprocess import catalog_radii
+
+    image = disc(14.0, side=200)
+    zooms = (1.0, 0.5, 2.0)
+    paths = write_pngs(tmp_path, {f"z{z:g}": reframe(image, zoom=z, seed=1) for z in zooms})
+    # the radius in arcsec at 0.5"/px, as a catalog such as SDSS's petroR90_r gives it
+    table = pd.DataFrame({"image": paths, "r_arcsec": [14.0 * z * 0.5 for z in zooms]})
+    framing = prep(framing="catalog_radius", radius_column="r_arcsec", radius_unit="arcsec",
+                   pixel_scale=0.5)
+    radii = catalog_radii(table, framing, "my.csv")
+    np.testing.assert_allclose(radii, [14.0, 7.0, 28.0])
+    views, kept, skipped = load_images(paths, framing, progress=False, radii=radii)
+    assert kept.all() and not skipped
+    for k in (1, 2):  # the same apparent size at any zoom, as the catalog says
+        assert np.abs(views[k] - views[0]).mean() < 0.05, paths[k].name
+    # the view follows the catalog, not the image: a radius twice too large shrinks the galaxy
+    wrong, _, _ = load_images(paths[:1], framing, progress=False, radii=radii[:1] * 2)
+    assert np.abs(wrong[0] - views[0]).mean() > 3 * np.abs(views[1] - views[0]).mean()
+    in_pixels = catalog_radii(table.assign(r_px=[14.0, 7.0, 28.0]), prep(
+        framing="catalog_radius", radius_column="r_px", radius_unit="pixels"), "my.csv")
+    np.testing.assert_allclose(in_pixels, radii)
+
+
+def test_a_galaxy_without_a_catalog_radius_is_skipped_or_centre_cropped_and_a_missing_column_named(
+        tmp_path):
+    import pandas as pd
+
+    from pipeline.catalog import CatalogError
+    from pipeline.preprocess import catalog_radii
+
+    paths = write_pngs(tmp_path, {"a": disc(6.0, side=96), "b": disc(6.0, side=96)})
+    framing = prep(framing="catalog_radius", radius_column="petroR90_r", radius_unit="pixels")
+    radii = catalog_radii(pd.DataFrame({"petroR90_r": [6.0, "-"]}), framing, "my.csv")
+    _, kept, skipped = load_images(paths, framing, progress=False, radii=radii)
+    assert kept.tolist() == [True, False]
+    assert skipped[0]["reason"] == (
+        f"{paths[1]}: cannot measure the galaxy's size (the catalog's radius (nan pixels) is not "
+        "a positive number); prepare.framing = catalog_radius skips it (prepare.unmeasured = "
+        "fixed would centre-crop it)")
+    _, kept, _ = load_images(paths, prep(framing="catalog_radius", radius_column="petroR90_r",
+                                         radius_unit="pixels", unmeasured="fixed"),
+                             progress=False, radii=radii)
+    assert kept.all()
+    with pytest.raises(CatalogError, match=r"my.csv: no column 'petroR90_r' \(prepare.radius_"
+                                           r"column\) with each galaxy's radius, which prepare."
+                                           r"framing = catalog_radius needs; the catalog has "
+                                           r"\['image'\]"):
+        catalog_radii(pd.DataFrame({"image": paths}), framing, "my.csv")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["prepare.framing=catalog_radius"], "'prepare.radius_column' = None is invalid: the "
+                                         "catalog column with each galaxy's radius"),
+    (["prepare.framing=catalog_radius", "prepare.radius_column=petroR90_r"],
+     "'prepare.pixel_scale' = None is invalid: the cutouts' arcsec per pixel"),
+    (["prepare.framing=catalog_radius", "prepare.radius_column=r", "prepare.radius_unit=deg"],
+     "'prepare.radius_unit' = 'deg' is invalid: arcsec"),
+])
+def test_catalog_radius_framing_names_the_key_it_still_needs(overrides, message):
+    from pipeline.config import compose, validate
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(compose(overrides))
+
+
+@pytest.mark.slow
+def test_predict_frames_new_cutouts_by_the_catalog_radius_the_bundle_names(trained_tiny,
+                                                                          tmp_path):
+    """A bundle framed by a catalog radius reads that column from predict's input catalog, and
+    says so in one line when the input has none (a folder)."""
+    import shutil
+
+    import pandas as pd
+    from astropy.io import fits
+
+    from pipeline import predict
+    from pipeline.artifacts import CONFIG_NAME
+    from pipeline.catalog import CatalogError
+
+    cfg, _ = trained_tiny
+    model = shutil.copytree(Path(cfg.paths.models) / "cnn", tmp_path / "model")
+    config = OmegaConf.load(model / CONFIG_NAME)
+    config.prepare.framing, config.prepare.galaxy_radius_fraction = "catalog_radius", 0.3
+    config.prepare.radius_column, config.prepare.radius_unit = "r_eff_arcsec", "arcsec"
+    config.prepare.pixel_scale = float(cfg.data.mock.pixel_scale)
+    OmegaConf.save(config, model / CONFIG_NAME)
+    raw = pd.read_csv(Path(cfg.paths.raw) / "catalog.csv").head(6)
+    folder, rows = tmp_path / "in", []
+    folder.mkdir()
+    for galaxy in raw.itertuples():
+        image = np.moveaxis(fits.getdata(Path(cfg.paths.raw) / galaxy.file).astype(np.float32),
+                            0, -1)
+        for zoom in (1.0, 2.0):  # a copy twice as tight: its catalog radius is twice as many px
+            name = f"{galaxy.objid}_z{zoom:g}.fits"
+            fits.PrimaryHDU(np.moveaxis(reframe(image, zoom=zoom), -1, 0)).writeto(folder / name)
+            rows.append({"image": f"in/{name}", "r_eff_arcsec": galaxy.r_eff_arcsec * zoom})
+    pd.DataFrame(rows).to_csv(tmp_path / "in.csv", index=False)
+    settings = OmegaConf.merge(OmegaConf.load(REPO / "conf" / "predict.yaml"), {
+        "model_dir": str(model), "input": str(tmp_path / "in.csv"), "image_column": "image",
+        "output": str(tmp_path / "p.csv"), "mc_dropout_samples": 0})
+    table = predict.run(settings)
+    proba = table.filter(like="p_").to_numpy()
+    assert proba.shape == (12, 3) and not np.isnan(proba).any()  # none skipped
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    assert np.abs(proba[0::2] - proba[1::2]).mean() < 0.1
+    # evaluate's stress test scales each test galaxy's catalog radius with its reframing
+    from pipeline.artifacts import TrainedModel, load_split
+    from pipeline.evaluate import framing_stress
+
+    stress = framing_stress(TrainedModel.load(model), Path(cfg.paths.raw),
+                            load_split(Path(cfg.paths.prepared), "test"), [0.5, 2.0], [2.0])
+    assert [v["skipped"] for v in stress.values()] == [0, 0, 0]
+    assert all(0 <= v["accuracy"] <= 1 for v in stress.values())
+    with pytest.raises(CatalogError, match=r"input = .*in \(a folder: give a catalog CSV with an "
+                                           r"image column and this one\): no column "
+                                           r"'r_eff_arcsec' \(prepare.radius_column\)"):
+        predict.run(OmegaConf.merge(settings, {"input": str(folder),
+                                               "output": str(tmp_path / "q.csv")}))

@@ -13,7 +13,7 @@ import codecs
 import logging
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -36,11 +36,15 @@ def safe_name(value: object) -> str:
     return name[:120] or "unnamed"
 
 
+# The columns fetch writes for every galaxy; data.folder.keep_columns adds the user's own.
+RAW_COLUMNS = ("objid", "ra", "dec", "label", "file", "raw_label", "source_file")
+
+
 def read_user_catalog(fc: DictConfig) -> tuple[pd.DataFrame, Path]:
     path = Path(str(fc.catalog)).expanduser()
     catalog = read_csv_catalog(path, "data.folder.catalog", str(fc.encoding))
     needed = [c for c in (fc.image_column, fc.label_column, fc.id_column, fc.ra_column,
-                          fc.dec_column) if c]
+                          fc.dec_column, *(fc.get("keep_columns") or [])) if c]
     missing = [c for c in needed if c not in catalog.columns]
     if missing:
         raise CatalogError(f"{path}: missing column(s) {missing} named in data.folder; the "
@@ -89,6 +93,8 @@ def fetch_folder(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     rows, failures, names = [], [], set()
+    # Extra columns travel into data/raw/catalog.csv as written, e.g. a radius for prepare.
+    kept = [c for c in (fc.get("keep_columns") or []) if c not in RAW_COLUMNS]
     records = catalog.to_dict("records")
     for i, (row, source) in enumerate(tqdm(list(zip(records, sources, strict=True)),
                                            desc="check images", unit="img")):
@@ -114,14 +120,14 @@ def fetch_folder(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
             "file": f"images/{name}",
             "raw_label": row[fc.label_column],
             "source_file": given,
+            **{column: row[column] for column in kept},
         })
     pd.DataFrame(failures, columns=["objid", "file", "reason"]).to_csv(
         out_dir / "failures.csv", index=False)
     if failures:
         log.warning("%d of %d images could not be used; listed in failures.csv. First: %s",
                     len(failures), len(catalog), failures[0]["reason"])
-    return pd.DataFrame(rows, columns=["objid", "ra", "dec", "label", "file", "raw_label",
-                                       "source_file"])
+    return pd.DataFrame(rows, columns=[*RAW_COLUMNS, *kept])
 
 
 # --------------------------------------------------------------------------- the source
@@ -139,6 +145,7 @@ class FolderConfig:
     encoding: str = MISSING
     label_map: dict[str, str] | None = MISSING
     credit: str | None = MISSING
+    keep_columns: list[str] = field(default_factory=list)
 
 
 def validate(data: DictConfig) -> None:
