@@ -206,6 +206,13 @@ def framing_description(prep: DictConfig) -> str:
         return (f"each galaxy cropped so that its half-light radius, measured on the cutout, "
                 f"spans {prep.galaxy_radius_fraction:.0%} of the view's half-width "
                 "(`prepare.framing=galaxy_size`), whatever the survey's framing")
+    if prep.get("framing") == "catalog_radius":
+        unit = ("pixels" if prep.radius_unit == "pixels"
+                else f"arcsec at {prep.pixel_scale} arcsec per pixel")
+        return (f"each galaxy cropped so that the radius in its catalog's column "
+                f"`{prep.radius_column}` ({unit}) spans {prep.galaxy_radius_fraction:.0%} of "
+                "the view's half-width (`prepare.framing=catalog_radius`): new cutouts need "
+                "that column too")
     return (f"the central {prep.center_crop:.0%} of each cutout's side "
             "(`prepare.framing=fixed`), i.e. cutouts framed like its training data")
 

@@ -300,3 +300,14 @@ def test_predict_frames_new_cutouts_by_the_catalog_radius_the_bundle_names(train
                                            r"'r_eff_arcsec' \(prepare.radius_column\)"):
         predict.run(OmegaConf.merge(settings, {"input": str(folder),
                                                "output": str(tmp_path / "q.csv")}))
+
+
+def test_the_card_says_which_catalog_column_a_model_is_framed_by():
+    from pipeline.report import framing_description
+
+    text = framing_description(prep(framing="catalog_radius", radius_column="petroR90_r",
+                                    radius_unit="arcsec", pixel_scale=0.396,
+                                    galaxy_radius_fraction=0.8))
+    assert text == ("each galaxy cropped so that the radius in its catalog's column `petroR90_r` "
+                    "(arcsec at 0.396 arcsec per pixel) spans 80% of the view's half-width "
+                    "(`prepare.framing=catalog_radius`): new cutouts need that column too")
