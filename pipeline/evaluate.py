@@ -109,18 +109,19 @@ def framing_stress(trained: TrainedModel, raw: Path, test: dict, zooms: list[flo
     from pipeline.framing import reframe
 
     catalog = read_csv_catalog(raw / CATALOG_NAME, f"paths.raw ({raw})")
-    files = dict(zip(catalog["objid"].astype(str), catalog["file"], strict=True))
-    missing = [o for o in map(str, test["objid"]) if o not in files]
+    catalog = catalog.set_index(catalog["objid"].astype(str))
+    catalog = catalog[~catalog.index.duplicated(keep="last")]
+    ids = [str(o) for o in test["objid"]]
+    missing = [o for o in ids if o not in catalog.index]
     if missing:
         raise PipelineError(f"{raw / CATALOG_NAME}: {len(missing)} test galaxies (first "
                             f"{missing[0]}) are not in the catalog prepare read; run prepare "
                             "again")
-    paths = [raw / files[str(o)] for o in test["objid"]]
+    galaxies = catalog.loc[ids]
+    paths = [raw / f for f in galaxies["file"]]
     y = test["labels"]
     # A catalog radius is in the original cutout's pixels: a reframed copy scales it.
-    row = {o: i for i, o in enumerate(catalog["objid"].astype(str))}
-    radii = catalog_radii(catalog.iloc[[row[str(o)] for o in test["objid"]]],
-                          trained.preprocessing, str(raw / CATALOG_NAME))
+    radii = catalog_radii(galaxies, trained.preprocessing, str(raw / CATALOG_NAME))
     cases = [(f"zoom {z:g}x", {"zoom": float(z)}) for z in zooms]
     cases += [(f"pixels {s:g}x larger", {"resample": 1.0 / float(s)}) for s in pixel_scales]
     result: dict[str, dict[str, float]] = {}

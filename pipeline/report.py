@@ -222,9 +222,9 @@ def data_context(cfg: DictConfig, data_meta: PreparedMeta) -> dict:
     transforms = (f"rotation ±{a.rotation_degrees}°, zoom ±{a.zoom:.0%}, random crop to "
                   f"≥{a.crop_fraction:.0%} of the side, {'flips, ' if a.flip else ''}Gaussian "
                   f"blur σ ≤ {a.blur_sigma} px on {a.blur_probability:.0%} of copies")
-    if a.get("brightness", 0) or a.get("colour", 0):
-        transforms += (f", brightness scaled by a log-normal factor (σ {a.get('brightness', 0)}) "
-                       f"and each band by another (σ {a.get('colour', 0)})")
+    if a.brightness or a.colour:
+        transforms += (f", brightness scaled by a log-normal factor (σ {a.brightness}) "
+                       f"and each band by another (σ {a.colour})")
     if a.mode == "on_the_fly" and a.copies > 0:
         augment = f"fresh random copies in every epoch (on the fly); {transforms}"
     elif a.copies > 0:

@@ -44,7 +44,7 @@ def read_user_catalog(fc: DictConfig) -> tuple[pd.DataFrame, Path]:
     path = Path(str(fc.catalog)).expanduser()
     catalog = read_csv_catalog(path, "data.folder.catalog", str(fc.encoding))
     needed = [c for c in (fc.image_column, fc.label_column, fc.id_column, fc.ra_column,
-                          fc.dec_column, *(fc.get("keep_columns") or [])) if c]
+                          fc.dec_column, *fc.keep_columns) if c]
     missing = [c for c in needed if c not in catalog.columns]
     if missing:
         raise CatalogError(f"{path}: missing column(s) {missing} named in data.folder; the "
@@ -94,7 +94,7 @@ def fetch_folder(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     images_dir.mkdir(parents=True, exist_ok=True)
     rows, failures, names = [], [], set()
     # Extra columns travel into data/raw/catalog.csv as written, e.g. a radius for prepare.
-    kept = [c for c in (fc.get("keep_columns") or []) if c not in RAW_COLUMNS]
+    kept = [c for c in fc.keep_columns if c not in RAW_COLUMNS]
     records = catalog.to_dict("records")
     for i, (row, source) in enumerate(tqdm(list(zip(records, sources, strict=True)),
                                            desc="check images", unit="img")):
