@@ -52,6 +52,11 @@ PREDICTIONS_NAME = "predictions.csv"
 FIGURES_DIR = "figures"
 FIGURES = ("learning_curves", "confusion_matrix", "roc", "pr", "reliability", "examples",
            "kernels", "saliency")
+# Figures drawn from the galaxy images themselves: a card marks them (CUTOUT_MARK on the <img>)
+# so that a released card, which ships in the package, can leave out images of other people's
+# data (SDSS and Galaxy Zoo cutouts carry their providers' terms, not the package's).
+CUTOUT_FIGURES = ("examples.png", "saliency.png", AUGMENTATIONS_NAME)
+CUTOUT_MARK = 'data-shows="galaxy-cutouts"'
 CARDS_DIR = "cards"
 COMPARISON_NAME = "comparison.md"
 

@@ -9,7 +9,9 @@ A release is a copy of a model folder as train and evaluate left it (its config,
 summary and inference settings: views, prior correction, temperature, conformal thresholds),
 with the network saved again without optimizer state (a third of the size; the new file's
 digest goes into its ``inference.json``), its model card (HTML and JSON) and ``release.json``
-(name, version, date, where it came from, how to cite it). Releases live in
+(name, version, date, where it came from, how to cite it). The packaged card leaves out its
+figures of galaxy cutouts (example galaxies, saliency maps, augmented copies): those are SDSS and
+Galaxy Zoo images under their providers' terms, and the package ships none. Releases live in
 ``pipeline/released/<name>-v<version>/`` and ship in the wheel. A version is never overwritten:
 a new training, new data or a changed setting is a new version.
 """
@@ -20,6 +22,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +31,7 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.artifacts import (
     CONFIG_NAME,
+    CUTOUT_MARK,
     HISTORY_NAME,
     MODEL_NAME,
     SUMMARY_NAME,
@@ -45,6 +49,10 @@ RELEASE_NAME = "release.json"
 CITATION = ("galaxy-morphology-pipeline {package} released model {release}; trained on SDSS "
             "imaging with Galaxy Zoo labels: cite SDSS and Lintott et al. 2008, 2011 (Galaxy "
             "Zoo 1) with any result made with it")
+
+CUTOUT_NOTE = ("<em>[A figure of galaxy cutouts is left out of the packaged card: the package "
+               "ships no survey images. The card that the report stage writes beside the "
+               "training data shows it.]</em>")
 
 
 class ReleaseError(PipelineError, ValueError):
@@ -65,6 +73,11 @@ def release_dir(name: str) -> Path:
         raise ReleaseError(f"model = {name!r}: no released model of that name; this "
                            f"installation has {available()}")
     return folder
+
+
+def without_cutouts(html: str) -> str:
+    """A card's HTML with each embedded figure of galaxy cutouts replaced by a short note."""
+    return re.sub(rf"<img[^>]*{re.escape(CUTOUT_MARK)}[^>]*>", CUTOUT_NOTE, html)
 
 
 def make_release(model_dir: Path, cards: Path, name: str, version: int,
@@ -94,7 +107,8 @@ def make_release(model_dir: Path, cards: Path, name: str, version: int,
         inference = InferenceSettings.load(model_dir)
         inference.model_sha256 = file_sha256(tmp / MODEL_NAME)
         inference.save(tmp)
-        shutil.copy2(card_base.with_suffix(".html"), tmp / "model_card.html")
+        card = card_base.with_suffix(".html").read_text(encoding="utf-8")
+        (tmp / "model_card.html").write_text(without_cutouts(card), encoding="utf-8")
         shutil.copy2(card_base.with_suffix(".json"), tmp / "model_card.json")
         release = f"{name}-v{version}"
         (tmp / RELEASE_NAME).write_text(json.dumps({

@@ -25,6 +25,8 @@ from omegaconf import DictConfig
 from pipeline.artifacts import (
     AUGMENTATIONS_NAME,
     COMPARISON_NAME,
+    CUTOUT_FIGURES,
+    CUTOUT_MARK,
     FIGURES,
     HISTORY_NAME,
     MODEL_NAME,
@@ -243,7 +245,8 @@ def data_context(cfg: DictConfig, data_meta: PreparedMeta) -> dict:
 
 
 def _markdown_to_html(markdown_text: str, title: str, base: Path, env: Environment) -> str:
-    """Markdown to one standalone HTML page, every image embedded as a data URI."""
+    """Markdown to one standalone HTML page, every image embedded as a data URI; figures made
+    of galaxy cutouts carry ``CUTOUT_MARK``."""
     import markdown
 
     body = markdown.markdown(markdown_text, extensions=["tables"])
@@ -254,7 +257,8 @@ def _markdown_to_html(markdown_text: str, title: str, base: Path, env: Environme
             raise MissingInputError(f"{path}: figure referenced by the model card is missing; "
                                     "run the evaluate stage first")
         data = base64.b64encode(path.read_bytes()).decode("ascii")
-        return f'src="data:image/png;base64,{data}"'
+        mark = f" {CUTOUT_MARK}" if path.name in CUTOUT_FIGURES else ""
+        return f'src="data:image/png;base64,{data}"{mark}'
 
     body = re.sub(r'src="([^"]+\.png)"', embed, body)
     return env.get_template("page.html.j2").render(title=title, body=body)

@@ -10,8 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline import predict
-from pipeline.artifacts import MODEL_NAME, TrainedModel, file_sha256
-from pipeline.release import ReleaseError, available, make_release, release_dir
+from pipeline.artifacts import CUTOUT_MARK, MODEL_NAME, TrainedModel, file_sha256
+from pipeline.release import CUTOUT_NOTE, ReleaseError, available, make_release, release_dir
 from tests.conftest import REPO, shared_path
 
 
@@ -35,6 +35,12 @@ def test_a_release_is_the_bundle_without_optimizer_state_and_predicts_by_name(
     assert release["trained_model_sha256"] == file_sha256(source / MODEL_NAME)
     assert "Lintott et al." in release["cite"]
     assert json.loads((folder / "model_card.json").read_text())["model_details"]["name"] == "cnn"
+    full = (Path(cfg.paths.reports) / "cards" / "cnn.html").read_text()
+    shipped = (folder / "model_card.html").read_text()
+    assert full.count(CUTOUT_MARK) == 3  # example galaxies, saliency maps, augmented copies
+    assert CUTOUT_MARK not in shipped and shipped.count(CUTOUT_NOTE) == 3
+    assert shipped.count("data:image/png") == full.count("data:image/png") - 3
+    assert 'alt="Learning curves"' in shipped
     with pytest.raises(ReleaseError, match=r"tiny-cnn-v1 exists: a released version is never "
                                            r"replaced"):
         make_release(source, Path(cfg.paths.reports) / "cards", "tiny-cnn", 1, into=tmp_path)
@@ -77,6 +83,19 @@ def test_every_released_model_classifies_galaxies_with_valid_probabilities(name,
     assert len(table) == 6 and ((proba >= 0) & (proba <= 1)).all()
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
     assert (table["set_size"] >= 1).all() and (table["mc_dropout_std"] >= 0).all()
+
+
+@pytest.mark.parametrize("name", available() or [pytest.param(None, marks=pytest.mark.skip(
+    reason="this checkout carries no released model"))])
+def test_a_released_card_ships_no_galaxy_cutouts_but_keeps_its_plots(name):
+    """The package redistributes no SDSS / Galaxy Zoo images: the packaged card's figures of
+    galaxies are notes, its plots of figures stay."""
+    card = (release_dir(name) / "model_card.html").read_text()
+    for cutouts in ("Example galaxies", "Saliency maps", "Originals (left) beside augmented"):
+        assert f'alt="{cutouts}' not in card
+    assert card.count(CUTOUT_NOTE) == 3
+    for plot in ("Learning curves", "Confusion matrix", "ROC curves", "Reliability diagram"):
+        assert f'alt="{plot}"' in card
 
 
 @pytest.mark.slow
