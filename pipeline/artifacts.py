@@ -57,6 +57,20 @@ FIGURES = ("learning_curves", "confusion_matrix", "roc", "pr", "reliability", "e
 # data (SDSS and Galaxy Zoo cutouts carry their providers' terms, not the package's).
 CUTOUT_FIGURES = ("examples.png", "saliency.png", AUGMENTATIONS_NAME)
 CUTOUT_MARK = 'data-shows="galaxy-cutouts"'
+
+
+CROSS_CHECK_FIGURE_PREFIX = "cross_check_"
+
+
+def cross_check_figure(check: str) -> str:
+    """The file name of the figure of the galaxies that ``evaluate.cross_checks.<check>``'s
+    labels and the model disagree about most (cutouts too)."""
+    return f"{CROSS_CHECK_FIGURE_PREFIX}{check}.png"
+
+
+def shows_cutouts(figure: str) -> bool:
+    """Whether the figure file of this name is made of galaxy cutouts."""
+    return figure in CUTOUT_FIGURES or figure.startswith(CROSS_CHECK_FIGURE_PREFIX)
 CARDS_DIR = "cards"
 COMPARISON_NAME = "comparison.md"
 

@@ -32,6 +32,7 @@ from pipeline.artifacts import (
     PreparedMeta,
     PriorCorrection,
     TrainedModel,
+    cross_check_figure,
     file_sha256,
     load_split,
 )
@@ -145,12 +146,16 @@ def framing_stress(trained: TrainedModel, raw: Path, test: dict, zooms: list[flo
 
 
 def cross_check(trained: TrainedModel, name: str, check: DictConfig,
-                max_pixels: int | None = None) -> dict:
+                max_pixels: int | None = None, shown: int = 6) -> tuple[dict, list]:
     """How well the model ranks a labelled sample from elsewhere that nobody tuned on (another
     survey's framing, another labelling rule): the ROC AUC of the summed probabilities of
     ``check.score`` for the catalog rows whose ``check.label_column`` is in ``check.positive``.
     Its cutouts are prepared as the model's bundle says and viewed at ``check.tta_zoom`` (null:
-    the model's own). Unreadable or unmeasurable cutouts are counted in ``skipped``."""
+    the model's own). Unreadable or unmeasurable cutouts are counted in ``skipped``.
+
+    Also returns the ``shown`` positives scored lowest and negatives scored highest, as rows
+    for :func:`plots.disagreements`: an AUC alone cannot say whether the model or the other
+    sample's labelling rule is at fault."""
     from sklearn.metrics import roc_auc_score
 
     key = f"evaluate.cross_checks.{name}"
@@ -177,7 +182,8 @@ def cross_check(trained: TrainedModel, name: str, check: DictConfig,
     zoom = None if check.tta_zoom is None else float(check.tta_zoom)
     proba = trained.predict_proba(images[kept], zoom=zoom)
     columns = [list(trained.scheme.classes).index(c) for c in check.score]
-    auc = float(roc_auc_score(positive[kept], proba[:, columns].sum(axis=1)))
+    score, labelled = proba[:, columns].sum(axis=1), positive[kept]
+    auc = float(roc_auc_score(labelled, score))
     result = {"catalog": str(path), "score": "p_" + "+p_".join(check.score),
               "positive": list(check.positive), "galaxies": int(kept.sum()),
               "positives": int(positive[kept].sum()), "skipped": len(skipped),
@@ -185,7 +191,12 @@ def cross_check(trained: TrainedModel, name: str, check: DictConfig,
               "roc_auc": auc}
     log.info("cross-check %s: ROC AUC %.3f of %s for %s, %d galaxies (%d skipped)", name, auc,
              result["score"], list(check.positive), result["galaxies"], len(skipped))
-    return result
+    low = np.flatnonzero(labelled)[np.argsort(score[labelled], kind="stable")][:shown]
+    high = np.flatnonzero(~labelled)[np.argsort(-score[~labelled], kind="stable")][:shown]
+    label = "/".join(check.positive)
+    rows = [(f"labelled {label}", images[kept][low], score[low]),
+            (f"not {label}", images[kept][high], score[high])]
+    return result, rows
 
 
 def saliency(model, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -241,6 +252,8 @@ def run(cfg: DictConfig, name: str | None = None) -> Metrics:
     bins = calibration_bins(y, proba)
     uncalibrated = calibration_bins(y, apply_temperature(proba, 1 / inference.temperature))
     sets = trained.prediction_sets(proba)
+    checks = {k: cross_check(trained, k, check, trained.max_image_pixels)
+              for k, check in cfg.evaluate.cross_checks.items()}
     result = Metrics(
         **classification_metrics(y, proba, scheme),
         model=name,
@@ -265,8 +278,7 @@ def run(cfg: DictConfig, name: str | None = None) -> Metrics:
         framing_stress=framing_stress(
             trained, layout.raw, test, list(cfg.evaluate.framing_zooms),
             list(cfg.evaluate.framing_pixel_scales), trained.max_image_pixels) or None,
-        cross_checks={k: cross_check(trained, k, check, trained.max_image_pixels)
-                      for k, check in cfg.evaluate.cross_checks.items()} or None,
+        cross_checks={k: result for k, (result, _) in checks.items()} or None,
     )
 
     predictions = pd.DataFrame({"objid": test["objid"], "actual": scheme.decode(y),
@@ -303,6 +315,9 @@ def run(cfg: DictConfig, name: str | None = None) -> Metrics:
         plots.saliency_maps(x_test[picks], maps,
                             [f"true {classes[y[i]]}\npred {classes[pred[i]]}" for i in picks],
                             tmp / "saliency.png", f"{name}: saliency of the predicted class")
+        for k, (check, rows) in checks.items():
+            plots.disagreements(rows, tmp / cross_check_figure(k),
+                                f"{name} on {k}: its labels against {check['score']}")
     result.save(out_dir)
     log.info("%s on %d test galaxies: accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f",
              name, len(y), result.accuracy, result.balanced_accuracy, result.macro_f1)

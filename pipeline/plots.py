@@ -132,6 +132,25 @@ def example_galaxies(images: np.ndarray, y_true: np.ndarray, proba: np.ndarray,
     plt.close(fig)
 
 
+def disagreements(rows: list[tuple[str, np.ndarray, np.ndarray]], path: Path, title: str,
+                  per_row: int = 6) -> None:
+    """One row of galaxies per (caption, images, scores): another sample's labels against the
+    model's score, each galaxy as the model sees it."""
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(1.9 * per_row, 2.6 * len(rows)),
+                             squeeze=False)
+    for r, (caption, images, scores) in enumerate(rows):
+        for c in range(per_row):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(images):
+                ax.imshow(to_display(images[c]), origin="lower")
+                ax.set_title(f"{caption}\nscore {scores[c]:.2f}", fontsize=6.5)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def first_layer_kernels(kernel: np.ndarray, path: Path, title: str, max_kernels: int = 32
                         ) -> None:
     """First convolution's kernels as small RGB images (as in Dieleman et al. 2015, fig. 6)."""

@@ -10,8 +10,9 @@ summary and inference settings: views, prior correction, temperature, conformal 
 with the network saved again without optimizer state (a third of the size; the new file's
 digest goes into its ``inference.json``), its model card (HTML and JSON) and ``release.json``
 (name, version, date, where it came from, how to cite it). The packaged card leaves out its
-figures of galaxy cutouts (example galaxies, saliency maps, augmented copies): those are SDSS and
-Galaxy Zoo images under their providers' terms, and the package ships none. Releases live in
+figures of galaxy cutouts (example galaxies, saliency maps, augmented copies, cross-check
+disagreements): those are SDSS and Galaxy Zoo images under their providers' terms, and the
+package ships none. Releases live in
 ``pipeline/released/<name>-v<version>/`` and ship in the wheel. A version is never overwritten:
 a new training, new data or a changed setting is a new version.
 """

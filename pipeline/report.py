@@ -25,7 +25,6 @@ from omegaconf import DictConfig
 from pipeline.artifacts import (
     AUGMENTATIONS_NAME,
     COMPARISON_NAME,
-    CUTOUT_FIGURES,
     CUTOUT_MARK,
     FIGURES,
     HISTORY_NAME,
@@ -35,7 +34,9 @@ from pipeline.artifacts import (
     Metrics,
     PreparedMeta,
     TrainSummary,
+    cross_check_figure,
     load_trained_config,
+    shows_cutouts,
 )
 from pipeline.config import model_train_config, schedule_description, stage_main
 from pipeline.errors import MissingInputError
@@ -174,6 +175,10 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: PreparedMe
             "Figures on this model's own test split overstate what another survey gets.")
     figures = {k: _relative(layout.figures(name) / f"{k}.png", cards)
                for k in FIGURES if (layout.figures(name) / f"{k}.png").is_file()}
+    cross_check_figures = {
+        k: _relative(layout.figures(name) / cross_check_figure(k), cards)
+        for k in (metrics.get("cross_checks") or {})
+        if (layout.figures(name) / cross_check_figure(k)).is_file()}
     return {
         "name": name,
         "kind": mc.kind,
@@ -198,6 +203,7 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: PreparedMe
         "overfitting": diagnose_overfitting(history, metrics["best_epoch"]),
         "caveats": caveats,
         "figures": figures,
+        "cross_check_figures": cross_check_figures,
         "framing": framing,
         "framing_stress": stress,
     }
@@ -257,7 +263,7 @@ def _markdown_to_html(markdown_text: str, title: str, base: Path, env: Environme
             raise MissingInputError(f"{path}: figure referenced by the model card is missing; "
                                     "run the evaluate stage first")
         data = base64.b64encode(path.read_bytes()).decode("ascii")
-        mark = f" {CUTOUT_MARK}" if path.name in CUTOUT_FIGURES else ""
+        mark = f" {CUTOUT_MARK}" if shows_cutouts(path.name) else ""
         return f'src="data:image/png;base64,{data}"{mark}'
 
     body = re.sub(r'src="([^"]+\.png)"', embed, body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
@@ -40,7 +41,7 @@ def test_cross_check_scores_the_sample_and_the_card_says_so(trained_tiny, tmp_pa
     cfg, _ = trained_tiny
     catalog = own_test_split_as_a_catalog(cfg, tmp_path / "other")
     bundle = TrainedModel.load(Path(cfg.paths.models) / "cnn")
-    result = evaluate.cross_check(bundle, "own-test", check(catalog))
+    result, rows = evaluate.cross_check(bundle, "own-test", check(catalog))
 
     # The test split read back from its raw cutouts: the AUC evaluate's own predictions give.
     predictions = pd.read_csv(Path(cfg.paths.reports) / "cnn" / "predictions.csv")
@@ -51,9 +52,21 @@ def test_cross_check_scores_the_sample_and_the_card_says_so(trained_tiny, tmp_pa
     assert result["score"] == "p_spiral" and result["tta_zoom"] == bundle.inference.tta_zoom
 
     # Scored by the other classes' probability, the same sample ranks the other way round.
-    other = evaluate.cross_check(bundle, "own-test", check(catalog, score=["elliptical",
-                                                                             "edge_on"]))
+    other, _ = evaluate.cross_check(bundle, "own-test", check(catalog, score=["elliptical",
+                                                                                "edge_on"]))
     assert other["roc_auc"] == pytest.approx(1 - result["roc_auc"], abs=0.01)
+
+    # The galaxies drawn for the card: the sample's positives the model scores lowest, then
+    # its other galaxies scored highest, each as the model sees it.
+    spiral = predictions["actual"] == "spiral"
+    (top, top_images, top_scores), (bottom, bottom_images, bottom_scores) = rows
+    assert top == "labelled disc" and bottom == "not disc"
+    assert len(top_images) == len(top_scores) == min(6, int(spiral.sum()))
+    assert len(bottom_images) == len(bottom_scores) == min(6, int((~spiral).sum()))
+    assert top_images.shape[1:] == tuple(bundle.model.input_shape[1:])
+    np.testing.assert_allclose(top_scores, np.sort(predictions["p_spiral"][spiral])[:6], atol=0.02)
+    np.testing.assert_allclose(bottom_scores, np.sort(predictions["p_spiral"][~spiral])[::-1][:6],
+                               atol=0.02)
 
     reports = Path(cfg.paths.reports) / "cnn"
     metrics = Metrics.load(reports)
@@ -70,6 +83,32 @@ def test_cross_check_scores_the_sample_and_the_card_says_so(trained_tiny, tmp_pa
     finally:
         metrics.cross_checks = None
         metrics.save(reports)
+
+
+@pytest.mark.slow
+def test_the_card_shows_where_another_samples_labels_and_the_model_disagree(trained_tiny,
+                                                                             tmp_path):
+    """evaluate draws the disagreements of each cross-check; the card shows them, marked as
+    cutouts, so that a released card leaves them out."""
+    from pipeline import evaluate, report
+    from pipeline.artifacts import CUTOUT_MARK, cross_check_figure
+    from pipeline.release import without_cutouts
+
+    cfg, _ = trained_tiny
+    catalog = own_test_split_as_a_catalog(cfg, tmp_path / "other")
+    own = OmegaConf.merge(cfg, {"paths": {"reports": str(tmp_path / "reports")}})
+    OmegaConf.update(own, "evaluate.cross_checks", {"own-test": check(catalog)}, merge=False)
+    own.models = {"cnn": cfg.models.cnn}
+    metrics = evaluate.run(own, "cnn")
+    assert (tmp_path / "reports" / "cnn" / "figures" / cross_check_figure("own-test")).is_file()
+    report.run(own)
+    card = (tmp_path / "reports" / "cards" / "cnn.md").read_text()
+    assert "### Another sample: own-test" in card
+    assert "disc that the model scores lowest\n(p_spiral)" in card
+    assert f"ROC AUC {metrics.cross_checks['own-test']['roc_auc']:.3f}" in card
+    html = (tmp_path / "reports" / "cards" / "cnn.html").read_text()
+    assert html.count(CUTOUT_MARK) == 4  # examples, saliency, augmented copies, this one
+    assert 'alt="Disagreements with own-test"' not in without_cutouts(html)
 
 
 @pytest.mark.slow

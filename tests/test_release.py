@@ -93,7 +93,7 @@ def test_a_released_card_ships_no_galaxy_cutouts_but_keeps_its_plots(name):
     card = (release_dir(name) / "model_card.html").read_text()
     for cutouts in ("Example galaxies", "Saliency maps", "Originals (left) beside augmented"):
         assert f'alt="{cutouts}' not in card
-    assert card.count(CUTOUT_NOTE) == 3
+    assert card.count(CUTOUT_NOTE) >= 3  # and one per cross-check, for cards made since
     for plot in ("Learning curves", "Confusion matrix", "ROC curves", "Reliability diagram"):
         assert f'alt="{plot}"' in card
 
