@@ -57,9 +57,9 @@ FIGURES = ("learning_curves", "confusion_matrix", "roc", "pr", "reliability", "e
 # data (SDSS and Galaxy Zoo cutouts carry their providers' terms, not the package's).
 CUTOUT_FIGURES = ("examples.png", "saliency.png", AUGMENTATIONS_NAME)
 CUTOUT_MARK = 'data-shows="galaxy-cutouts"'
-
-
-CROSS_CHECK_FIGURE_PREFIX = "cross_check_"
+CROSS_CHECK_FIGURE_PREFIX = "cross_check_"  # one figure per evaluate.cross_checks sample
+CARDS_DIR = "cards"
+COMPARISON_NAME = "comparison.md"
 
 
 def cross_check_figure(check: str) -> str:
@@ -71,8 +71,6 @@ def cross_check_figure(check: str) -> str:
 def shows_cutouts(figure: str) -> bool:
     """Whether the figure file of this name is made of galaxy cutouts."""
     return figure in CUTOUT_FIGURES or figure.startswith(CROSS_CHECK_FIGURE_PREFIX)
-CARDS_DIR = "cards"
-COMPARISON_NAME = "comparison.md"
 
 
 @dataclass(frozen=True)
