@@ -14,9 +14,9 @@ predict both frame through :func:`frame_galaxy`, with the settings saved in the 
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
+
+from pipeline.io import warnings_as
 
 # Detection thresholds in sky-noise sigmas, tried in turn. At 2 sigmas the central segment of
 # a GZ1 cutout often swallows its neighbours, and the radius of a 0.5x copy scattered by 46%
@@ -79,8 +79,8 @@ def half_light_radius(image: np.ndarray, display: bool) -> float:
     smoothed = convolve(data, make_2dgaussian_kernel(2.0, size=5))
     cy, cx = (s // 2 for s in gray.shape)
     for sigmas in THRESHOLD_SIGMAS:
-        with warnings.catch_warnings():  # no detection is an answer: try lower, then give up
-            warnings.simplefilter("ignore", NoDetectionsWarning)
+        # No detection is an answer: try lower, then give up. (Threads take turns here.)
+        with warnings_as("ignore", NoDetectionsWarning):
             segments = detect_sources(smoothed, sigmas * noise, n_pixels=5)
         centre = (segments.data[cy - 1:cy + 2, cx - 1:cx + 2] if segments is not None
                   else np.zeros(1, dtype=int))

@@ -16,6 +16,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -354,13 +356,26 @@ def _too_many_pixels(path: Path, shape: tuple[int, ...], max_pixels: int) -> Non
                          "the limit if you have the memory (about 12 bytes a pixel)")
 
 
+# warnings.catch_warnings saves and restores the process-wide filter list, so two threads
+# inside it at once restore each other's filters: a warning meant to be an error passes (a
+# half-read FITS file), or one meant to be ignored escapes. Cutouts are decoded in threads.
+_WARNING_FILTERS = threading.RLock()  # re-entrant: a nested block in one thread is fine
+
+
+@contextlib.contextmanager
+def warnings_as(action: str, category: type[Warning]) -> Iterator[None]:
+    """``warnings.simplefilter(action, category)`` for the block, one thread at a time."""
+    with _WARNING_FILTERS, warnings.catch_warnings():
+        warnings.simplefilter(action, category)
+        yield
+
+
 def _read_fits(path: Path, bands: tuple[str, ...], max_pixels: int) -> np.ndarray:
     """Read from bytes in memory (cutouts are small), with astropy's warnings made errors.
 
     A truncated or malformed file is an error here, never a silently half-read image.
     """
     import io
-    import warnings
 
     from astropy.io import fits
     from astropy.utils.exceptions import AstropyWarning
@@ -369,10 +384,8 @@ def _read_fits(path: Path, bands: tuple[str, ...], max_pixels: int) -> np.ndarra
     if len(raw) % 2880 and not path.name.lower().endswith(".gz"):
         raise ImageError(f"{path}: truncated FITS file ({len(raw)} bytes is not a multiple of "
                          "the 2880-byte FITS block)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", AstropyWarning)
-        with fits.open(io.BytesIO(raw), memmap=False) as hdul:
-            return _fits_planes(path, hdul, bands, max_pixels)
+    with warnings_as("error", AstropyWarning), fits.open(io.BytesIO(raw), memmap=False) as hdul:
+        return _fits_planes(path, hdul, bands, max_pixels)
 
 
 def _fits_planes(path: Path, hdul, bands: tuple[str, ...], max_pixels: int) -> np.ndarray:

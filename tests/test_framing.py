@@ -42,6 +42,28 @@ def test_the_half_light_radius_of_a_disc_is_measured_on_the_image(r_eff):
     assert half_light_radius(disc(r_eff), display=True) == pytest.approx(r_eff, rel=0.12)
 
 
+def test_blank_cutouts_measured_from_many_threads_at_once_raise_only_unmeasured():
+    """predict and prepare decode (and measure) cutouts in threads. Silencing photutils' "no
+    sources" warning must hold for every thread at once, or a stray warning escapes (an error
+    under ``-W error``, and under this suite's settings)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    blank = [rng.normal(0, 1, (64, 64, 3)).astype(np.float32) for _ in range(32)]
+
+    def measure(image):
+        try:
+            half_light_radius(image, display=False)
+        except UnmeasuredError:
+            return "unmeasured"
+        return "measured"
+
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(10):
+            answers = list(pool.map(measure, blank))
+            assert set(answers) <= {"unmeasured", "measured"}
+
+
 def test_the_radius_follows_the_galaxy_when_the_cutout_is_reframed():
     image = disc(10.0, side=200)
     one = half_light_radius(image, display=True)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from pipeline.io import OutputError, atomic_path, refuse_overlap
+from pipeline.io import OutputError, atomic_path, refuse_overlap, warnings_as
 
 DEAD_PID = 2**22 + 12345  # above Linux's default pid_max: no process has it
 
@@ -52,3 +55,37 @@ def test_outputs_that_hold_an_input_are_refused(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=r"would replace the working directory"):
         refuse_overlap({"paths.raw": tmp_path.parent}, {})
     refuse_overlap({"paths.raw": Path("data/raw")}, {"data.folder.catalog": "data/cat.csv"})
+
+
+class BadCard(UserWarning):
+    """Stands for astropy's warning about a malformed FITS file: read as an error."""
+
+
+class NothingFound(UserWarning):
+    """Stands for photutils' "no sources" warning while measuring: ignored."""
+
+
+def test_warning_filters_hold_in_every_thread_that_decodes_at_once():
+    """Cutouts are decoded in threads. Reading FITS turns astropy's warnings into errors and
+    measuring a galaxy silences photutils' "no sources"; each block must hold while other
+    threads are in theirs, or a malformed file reads silently and a stray warning escapes."""
+    def strict(_):
+        with warnings_as("error", BadCard):
+            time.sleep(0.0005)
+            try:
+                warnings.warn("malformed card", BadCard, stacklevel=1)
+            except BadCard:
+                return "error"
+            return "read silently"
+
+    def quiet(_):
+        with warnings_as("ignore", NothingFound):
+            time.sleep(0.0005)
+            warnings.warn("no sources", NothingFound, stacklevel=1)
+            return "quiet"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # outside the blocks, warnings only print
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda i: (strict if i % 2 else quiet)(i), range(400)))
+    assert answers.count("error") == 200 and answers.count("quiet") == 200
