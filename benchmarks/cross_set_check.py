@@ -4,8 +4,9 @@
         image_column=filename output=kaggle_preds.csv mc_dropout_samples=0
     python benchmarks/cross_set_check.py kaggle_preds.csv
 
-The Kaggle labels are a noisy rule (see ../shared/data/README.md): "spiral" needs visible arms,
-and "non_spiral" holds ellipticals, edge-on discs and some ordinary spirals. So the score of
+The Kaggle labels are a noisy rule (see ../shared/data/README.md): "spiral" needs a disc, visible
+arms and Galaxy Zoo 2's "anything odd" vote, so "non_spiral" holds ellipticals, edge-on discs and
+many undisturbed spirals, and "spiral" some pairs and mergers. So the score of
 interest is how well the model's spiral probability ranks the two (ROC AUC), plus the share of
 each Kaggle label the model calls spiral.
 
