@@ -6,8 +6,10 @@ a model card reports are the ones ``predict`` writes for new galaxies.
 Test-time augmentation (``tta``) averages the softmax over exact symmetries of the pixel
 grid, as Dieleman et al. (2015) did for Galaxy Zoo: a galaxy's class does not depend on how
 the camera was turned. ``rot4`` is the four 90-degree rotations; ``dihedral`` adds their
-mirror images (8 views). Mirroring turns a clockwise spiral into an anticlockwise one, so
-use ``rot4`` (and ``augment.flip=false``) when those are separate classes.
+mirror images (8 views); ``dihedral16`` adds the same 8 of the image turned by 45 degrees
+(interpolated, as training's random rotations are; 16 views at twice the cost). Mirroring turns
+a clockwise spiral into an anticlockwise one, so use ``rot4`` (and ``augment.flip=false``) when
+those are separate classes.
 
 ``zoom`` (``evaluate.tta_zoom``) magnifies every view about its centre first. Random crops and
 zooms in training show the model galaxies larger, on average, than the unaugmented test images
@@ -29,7 +31,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-TTA_MODES = {"none": 1, "rot4": 4, "dihedral": 8}
+TTA_MODES = {"none": 1, "rot4": 4, "dihedral": 8, "dihedral16": 16}
 
 
 def tta_views(images: np.ndarray, mode: str, zoom: float = 1.0) -> Iterator[np.ndarray]:
@@ -44,11 +46,17 @@ def tta_views(images: np.ndarray, mode: str, zoom: float = 1.0) -> Iterator[np.n
     if mode == "none":
         yield images
         return
-    for quarter_turns in range(4):
-        turned = np.rot90(images, quarter_turns, axes=(1, 2))
-        yield np.ascontiguousarray(turned)
-        if mode == "dihedral":
-            yield np.ascontiguousarray(turned[:, :, ::-1])
+    bases = [images]
+    if mode == "dihedral16":
+        from pipeline.augment import rotate
+
+        bases.append(rotate(images, 45.0))
+    for base in bases:
+        for quarter_turns in range(4):
+            turned = np.rot90(base, quarter_turns, axes=(1, 2))
+            yield np.ascontiguousarray(turned)
+            if mode != "rot4":
+                yield np.ascontiguousarray(turned[:, :, ::-1])
 
 
 PRIOR_CORRECTION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -28,6 +28,23 @@ def test_dihedral_views_are_the_eight_distinct_symmetries():
     assert any(np.array_equal(v, np.rot90(image, 1, axes=(1, 2))) for v in views)
 
 
+def test_dihedral16_adds_the_eight_symmetries_of_the_image_turned_45_degrees():
+    from pipeline.augment import rotate
+
+    image = np.random.default_rng(0).normal(size=(2, 9, 9, 3)).astype(np.float32)
+    views = list(tta_views(image, "dihedral16"))
+    assert len(views) == 16 == TTA_MODES["dihedral16"]
+    eight = list(tta_views(image, "dihedral"))
+    for view, expected in zip(views, eight + list(tta_views(rotate(image, 45.0), "dihedral")),
+                              strict=True):
+        np.testing.assert_array_equal(view, expected)
+    # The 45-degree views really are turned: a bar along x lies along the diagonal.
+    bar = np.full((1, 21, 21, 3), -1.0, np.float32)
+    bar[:, 10, 3:18] = 1.0
+    turned = list(tta_views(bar, "dihedral16"))[8][0, ..., 0]
+    assert turned[10, 10] > 0.5 and max(turned[5, 5], turned[5, 15]) > 0 > turned[10, 4]
+
+
 def test_averaged_prediction_is_the_same_for_a_turned_or_mirrored_galaxy(
         orientation_sensitive_model):
     x = np.random.default_rng(1).uniform(-1, 1, size=(4, 8, 8, 3)).astype(np.float32)
@@ -65,7 +82,8 @@ def test_zoomed_views_show_the_galaxy_larger_by_the_zoom():
 
 
 def test_unknown_view_mode_names_the_valid_ones():
-    with pytest.raises(ValueError, match=r"tta = 'flips'.*\['none', 'rot4', 'dihedral'\]"):
+    with pytest.raises(ValueError, match=r"tta = 'flips'.*\['none', 'rot4', 'dihedral', "
+                                         r"'dihedral16'\]"):
         list(tta_views(np.zeros((1, 4, 4, 3)), "flips"))
 
 
