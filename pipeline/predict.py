@@ -1,7 +1,7 @@
 """Classify a survey: apply a trained model to a catalog, a folder of images or a patch of sky.
 
     python -m pipeline.predict model_dir=models/transfer input=survey.csv output=morph.fits
-    python -m pipeline.predict model=gz1-transfer-v4 input=cutouts/ output=morph.csv
+    python -m pipeline.predict model=gz1-transfer-v5 input=cutouts/ output=morph.csv
     python -m pipeline.predict model_dir=models/transfer input=region region.ra=185.0 \\
         region.dec=15.8 region.radius_arcmin=10 output=field.vot
     python -m pipeline.predict -m hydra/launcher=parallel shard=0,1,2,3 num_shards=4 ...

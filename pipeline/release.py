@@ -3,7 +3,7 @@
     python -m pipeline.release --model-dir models/transfer --cards reports/cards \\
         --name gz1-transfer --version 1
     python -m pipeline.release --list
-    python -m pipeline.predict model=gz1-transfer-v4 input=cutouts/ output=morphologies.fits
+    python -m pipeline.predict model=gz1-transfer-v5 input=cutouts/ output=morphologies.fits
 
 A release is a copy of a model folder as train and evaluate left it (its config, training
 summary and inference settings: views, prior correction, temperature, conformal thresholds),
@@ -68,7 +68,7 @@ def available() -> list[str]:
 
 
 def release_dir(name: str) -> Path:
-    """The folder of released model ``name`` (for example ``gz1-transfer-v4``)."""
+    """The folder of released model ``name`` (for example ``gz1-transfer-v5``)."""
     folder = RELEASED / name
     if not (folder / RELEASE_NAME).is_file():
         raise ReleaseError(f"model = {name!r}: no released model of that name; this "
