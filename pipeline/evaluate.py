@@ -180,13 +180,14 @@ def cross_check(trained: TrainedModel, name: str, check: DictConfig,
         raise PipelineError(f"{path}: none of its {len(paths)} cutouts could be read "
                             f"(first: {skipped[0]}); check {key}.image_column")
     zoom = None if check.tta_zoom is None else float(check.tta_zoom)
-    proba = trained.predict_proba(images[kept], zoom=zoom)
+    images = images[kept]
+    proba = trained.predict_proba(images, zoom=zoom)
     columns = [list(trained.scheme.classes).index(c) for c in check.score]
     score, labelled = proba[:, columns].sum(axis=1), positive[kept]
     auc = float(roc_auc_score(labelled, score))
     result = {"catalog": str(path), "score": "p_" + "+p_".join(check.score),
-              "positive": list(check.positive), "galaxies": int(kept.sum()),
-              "positives": int(positive[kept].sum()), "skipped": len(skipped),
+              "positive": list(check.positive), "galaxies": len(images),
+              "positives": int(labelled.sum()), "skipped": len(skipped),
               "tta_zoom": trained.inference.tta_zoom if zoom is None else zoom,
               "roc_auc": auc}
     log.info("cross-check %s: ROC AUC %.3f of %s for %s, %d galaxies (%d skipped)", name, auc,
@@ -194,8 +195,8 @@ def cross_check(trained: TrainedModel, name: str, check: DictConfig,
     low = np.flatnonzero(labelled)[np.argsort(score[labelled], kind="stable")][:shown]
     high = np.flatnonzero(~labelled)[np.argsort(-score[~labelled], kind="stable")][:shown]
     label = "/".join(check.positive)
-    rows = [(f"labelled {label}", images[kept][low], score[low]),
-            (f"not {label}", images[kept][high], score[high])]
+    rows = [(f"labelled {label}", images[low], score[low]),
+            (f"not {label}", images[high], score[high])]
     return result, rows
 
 
@@ -315,9 +316,9 @@ def run(cfg: DictConfig, name: str | None = None) -> Metrics:
         plots.saliency_maps(x_test[picks], maps,
                             [f"true {classes[y[i]]}\npred {classes[pred[i]]}" for i in picks],
                             tmp / "saliency.png", f"{name}: saliency of the predicted class")
-        for k, (check, rows) in checks.items():
+        for k, (summary, rows) in checks.items():
             plots.disagreements(rows, tmp / cross_check_figure(k),
-                                f"{name} on {k}: its labels against {check['score']}")
+                                f"{name} on {k}: its labels against {summary['score']}")
     result.save(out_dir)
     log.info("%s on %d test galaxies: accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f",
              name, len(y), result.accuracy, result.balanced_accuracy, result.macro_f1)

@@ -103,6 +103,27 @@ def to_display(image: np.ndarray) -> np.ndarray:
     return np.clip((np.asarray(image, dtype=np.float32) + 1) / 2, 0, 1)
 
 
+def galaxy_rows(rows: list[tuple[np.ndarray, list[str], str, str]], path: Path, title: str,
+                per_row: int, row_height: float) -> None:
+    """A grid of galaxies, one row per (images, their titles, title colour, what to say when
+    the row is empty), each galaxy as the model sees it."""
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(1.9 * per_row, row_height * len(rows)),
+                             squeeze=False)
+    for r, (images, titles, color, empty) in enumerate(rows):
+        if not len(images):
+            axes[r, 0].text(0.5, 0.5, empty, ha="center", va="center")
+        for c in range(per_row):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(images):
+                ax.imshow(to_display(images[c]), origin="lower")
+                ax.set_title(titles[c], fontsize=6.5, color=color)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def example_galaxies(images: np.ndarray, y_true: np.ndarray, proba: np.ndarray,
                      classes: list[str], path: Path, title: str, per_row: int = 6) -> None:
     """Top row: confidently right; bottom row: the most confident mistakes."""
@@ -110,45 +131,23 @@ def example_galaxies(images: np.ndarray, y_true: np.ndarray, proba: np.ndarray,
     conf = proba.max(axis=1)
     right = np.where(pred == y_true)[0]
     wrong = np.where(pred != y_true)[0]
-    rows = [("right", right[np.argsort(-conf[right])][:per_row]),
-            ("wrong", wrong[np.argsort(-conf[wrong])][:per_row])]
-    fig, axes = plt.subplots(2, per_row, figsize=(1.9 * per_row, 4.6), squeeze=False)
-    for r, (kind, idx) in enumerate(rows):
-        for c in range(per_row):
-            ax = axes[r, c]
-            ax.axis("off")
-            if c >= len(idx):
-                if c == 0:
-                    ax.text(0.5, 0.5, f"no {kind} examples", ha="center", va="center")
-                continue
-            i = idx[c]
-            ax.imshow(to_display(images[i]), origin="lower")
-            probs = " ".join(f"{n[:4]} {p:.2f}" for n, p in zip(classes, proba[i], strict=True))
-            ax.set_title(f"{kind}: true {classes[y_true[i]]}\npred {classes[pred[i]]}\n{probs}",
-                         fontsize=6.5, color="darkgreen" if kind == "right" else "darkred")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    rows = []
+    for kind, idx, color in (("right", right[np.argsort(-conf[right])][:per_row], "darkgreen"),
+                             ("wrong", wrong[np.argsort(-conf[wrong])][:per_row], "darkred")):
+        titles = [f"{kind}: true {classes[y_true[i]]}\npred {classes[pred[i]]}\n"
+                  + " ".join(f"{n[:4]} {p:.2f}" for n, p in zip(classes, proba[i], strict=True))
+                  for i in idx]
+        rows.append((images[idx], titles, color, f"no {kind} examples"))
+    galaxy_rows(rows, path, title, per_row, row_height=2.3)
 
 
 def disagreements(rows: list[tuple[str, np.ndarray, np.ndarray]], path: Path, title: str,
                   per_row: int = 6) -> None:
     """One row of galaxies per (caption, images, scores): another sample's labels against the
-    model's score, each galaxy as the model sees it."""
-    fig, axes = plt.subplots(len(rows), per_row, figsize=(1.9 * per_row, 2.6 * len(rows)),
-                             squeeze=False)
-    for r, (caption, images, scores) in enumerate(rows):
-        for c in range(per_row):
-            ax = axes[r, c]
-            ax.axis("off")
-            if c < len(images):
-                ax.imshow(to_display(images[c]), origin="lower")
-                ax.set_title(f"{caption}\nscore {scores[c]:.2f}", fontsize=6.5)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    model's score."""
+    galaxy_rows([(images, [f"{caption}\nscore {v:.2f}" for v in scores], "black",
+                  f"no {caption} galaxies") for caption, images, scores in rows],
+                path, title, per_row, row_height=2.6)
 
 
 def first_layer_kernels(kernel: np.ndarray, path: Path, title: str, max_kernels: int = 32
