@@ -55,6 +55,34 @@ def in_memory(x) -> bool:
     return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize <= total // 4
 
 
+# glibc's mallopt() parameters (<malloc.h>): a buffer of at least M_MMAP_THRESHOLD bytes gets a
+# mapping of its own, unmapped when freed; the heap's free top is returned above M_TRIM_THRESHOLD.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 32 * 2**20   # the largest glibc accepts: every per-step buffer below it
+TRIM_THRESHOLD_BYTES = 512 * 2**20  # is reused; a freed top is kept up to this much
+
+
+def reuse_freed_memory() -> bool:
+    """Let glibc reuse the buffers TensorFlow frees at every step instead of unmapping them.
+
+    Constructing a ``Dataset.from_generator`` kernel calls ``mallopt(M_MMAP_THRESHOLD, 128 KiB)``
+    (TensorFlow 2.21, seen with ``perf probe``), which also switches off glibc's adaptive
+    threshold. From then on every buffer above 128 KiB (the optimizer's per-weight temporaries,
+    activations) is mapped and unmapped at each step, and each of its pages faults on first
+    touch: the page faults of issue #22 (docs/benchmarks.md, "Where the page faults come from").
+    Called from inside the generator, that is after the kernel's constructor. False where the C
+    library is not glibc; nothing is changed there.
+    """
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int,
                  augment: DictConfig | None = None, deterministic: bool = False,
                  balanced: bool = False, hold_in_memory: bool | None = None):
@@ -85,6 +113,7 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, s
         draw_p /= draw_p.sum()
 
     def batches(gather: bool = True):
+        reuse_freed_memory()
         epoch = next(epochs)
         if draw_p is not None:
             order = order_rng.choice(n, size=n, replace=True, p=draw_p)

@@ -327,3 +327,47 @@ def test_mixup_out_of_range_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"'train.mixup' = -0.2 is invalid: a Beta\(alpha, "
                                          r"alpha\) parameter in \[0, 10\]"):
         tiny_config(tmp_path, "train.mixup=-0.2")
+
+
+HEAP_PROBE = """
+import ctypes, numpy as np, tensorflow as tf
+from pipeline.train import make_dataset
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def from_heap():
+    # a 1 MiB block lands in the [heap] mapping unless glibc maps it on its own
+    block = libc.malloc(1 << 20)
+    heap = [line.split()[0] for line in open("/proc/self/maps") if "[heap]" in line]
+    low, high = (int(a, 16) for a in heap[0].split("-"))
+    libc.free(block)
+    return low <= block < high
+
+bare = tf.data.Dataset.from_generator(lambda: iter([np.zeros(4, np.float32)]),
+                                      output_signature=tf.TensorSpec((4,), tf.float32))
+list(bare)
+print("bare from_generator:", from_heap())
+x = np.zeros((8, 4, 4, 3), np.float32)
+for _ in make_dataset(x, np.arange(8) % 2, 4, True, 0):
+    pass
+print("make_dataset:", from_heap())
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_training_input_lets_glibc_reuse_freed_buffers(tmp_path):
+    """TensorFlow's from_generator kernel pins glibc's mmap threshold at 128 KiB, so every larger
+    buffer of a training step is mapped, page-faulted and unmapped again (issue #22). After
+    make_dataset's generator has run, a 1 MiB block comes from the reusable heap again. If the
+    bare line starts to say True, TensorFlow has stopped pinning it and the workaround can go."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(HEAP_PROBE)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=180, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "bare from_generator: False" in out.stdout, out.stdout
+    assert "make_dataset: True" in out.stdout, out.stdout
