@@ -84,5 +84,6 @@ def main() -> None:
                       f"{scores['roc_auc_one_vs_rest'][first]:22.3f}  {by_class}  {by_alpha}",
                       flush=True)
 
+
 if __name__ == "__main__":
     main()

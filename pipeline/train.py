@@ -11,6 +11,7 @@ while it trains, so a killed run resumes from its last finished epoch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -62,6 +63,16 @@ MMAP_THRESHOLD_BYTES = 32 * 2**20   # the largest glibc accepts: every per-step 
 TRIM_THRESHOLD_BYTES = 512 * 2**20  # is reused; a freed top is kept up to this much
 
 
+@functools.cache
+def glibc_mallopt():
+    """glibc's ``mallopt``, or None under another C library. Looked up once: ``libc_ver`` reads
+    the interpreter's binary."""
+    import ctypes
+    import platform
+
+    return ctypes.CDLL(None).mallopt if platform.libc_ver()[0] == "glibc" else None
+
+
 def reuse_freed_memory() -> bool:
     """Let glibc reuse the buffers TensorFlow frees at every step instead of unmapping them.
 
@@ -73,14 +84,9 @@ def reuse_freed_memory() -> bool:
     Called from inside the generator, that is after the kernel's constructor. False where the C
     library is not glibc; nothing is changed there.
     """
-    import ctypes
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-                and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    mallopt = glibc_mallopt()
+    return bool(mallopt and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int,
