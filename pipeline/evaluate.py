@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -247,11 +248,16 @@ def run(cfg: DictConfig, name: str | None = None) -> Metrics:
     trained = trained.with_inference(inference)
 
     x_test, y = test["images"].astype(np.float32), test["labels"]
-    proba = trained.predict_proba(x_test)
+    # Before and after the temperature from one forward pass. Undoing a small temperature from
+    # the calibrated values cannot work: their clipped tails are gone (at T = 0.05 a model with
+    # an ECE of 0.01 read 0.33).
+    before = trained.with_inference(dataclasses.replace(inference, temperature=1.0))
+    uncalibrated_proba = before.predict_proba(x_test)
+    proba = trained.calibrate(uncalibrated_proba)
     summary = trained.summary
     correction = inference.prior_correction
     bins = calibration_bins(y, proba)
-    uncalibrated = calibration_bins(y, apply_temperature(proba, 1 / inference.temperature))
+    uncalibrated = calibration_bins(y, uncalibrated_proba)
     sets = trained.prediction_sets(proba)
     checks = {k: cross_check(trained, k, check, trained.max_image_pixels)
               for k, check in cfg.evaluate.cross_checks.items()}

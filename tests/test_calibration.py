@@ -60,3 +60,42 @@ def test_a_set_holds_the_classes_that_reach_their_threshold_and_the_top_one():
     got = coverage_by_class(mask, np.array([1, 2, 0]), ["elliptical", "spiral", "edge_on"])
     assert got["all"] == {"coverage": 2 / 3, "mean_set_size": 2.0, "galaxies": 3}
     assert fit_conformal(proba, np.array([0, 0, 2]), 0.9)[1] == 0.0  # no spiral to fit on
+
+
+@pytest.mark.slow
+def test_the_ece_before_calibration_is_the_models_own_at_a_small_temperature(
+        trained_tiny, tmp_path, monkeypatch):
+    """A validation split the model separates perfectly fits a very small temperature (the
+    default mock run's transfer model hits the search's 0.05). The card's ECE before
+    calibration must still be the model's own: reading it back from the calibrated values gave
+    0.33 for a model at 0.01. The tiny model is less sure than that one, so its temperature is
+    set smaller still to show the same loss."""
+    import dataclasses
+    import shutil
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from pipeline import evaluate
+    from pipeline.artifacts import TrainedModel, load_split
+    from pipeline.metrics import calibration_bins
+
+    cfg, _ = trained_tiny
+    models = tmp_path / "models"
+    # A copy: evaluate rewrites the bundle's inference settings.
+    shutil.copytree(Path(cfg.paths.models) / "cnn", models / "cnn")
+    own = OmegaConf.merge(cfg, {"paths": {"models": str(models),
+                                          "reports": str(tmp_path / "reports")}})
+    monkeypatch.setattr(evaluate, "fit_temperature", lambda proba, labels: 0.01)
+    metrics = evaluate.run(own, "cnn")
+
+    bundle = TrainedModel.load(models / "cnn")
+    test = load_split(Path(cfg.paths.prepared), "test")
+    as_trained = bundle.with_inference(dataclasses.replace(bundle.inference, temperature=1.0))
+    own_proba = as_trained.predict_proba(test["images"].astype(np.float32))
+    assert metrics.temperature == 0.01
+    assert metrics.ece_before_calibration == pytest.approx(
+        calibration_bins(test["labels"], own_proba).ece, abs=1e-6)
+    assert metrics.ece == pytest.approx(
+        calibration_bins(test["labels"], bundle.predict_proba(
+            test["images"].astype(np.float32))).ece, abs=1e-6)
