@@ -38,6 +38,7 @@ from pipeline.artifacts import (
     load_split,
 )
 from pipeline.calibration import (
+    TEMPERATURE_RANGE,
     apply_temperature,
     coverage_by_class,
     fit_conformal,
@@ -82,6 +83,13 @@ def fit_inference(trained: TrainedModel, val: dict, ev: DictConfig) -> Inference
                  correction.alpha, correction.validation_macro_f1)
     proba = apply_class_factors(raw, correction.class_factors)
     temperature = fit_temperature(proba, labels) if ev.calibration == "temperature" else 1.0
+    if not TEMPERATURE_RANGE[0] * 1.01 < temperature < TEMPERATURE_RANGE[1] / 1.01:
+        log.warning("calibration: the temperature stopped at its bound %.2f (searched %s): %s",
+                    temperature, TEMPERATURE_RANGE,
+                    "the validation split is separated perfectly, so calibrated probabilities "
+                    "sit at 0 and 1" if temperature < 1 else
+                    "the model is barely better than chance on validation, so calibrated "
+                    "probabilities are near uniform")
     proba = apply_temperature(proba, temperature)
     conformal = None
     if ev.conformal_level > 0:

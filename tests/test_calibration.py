@@ -64,7 +64,7 @@ def test_a_set_holds_the_classes_that_reach_their_threshold_and_the_top_one():
 
 @pytest.mark.slow
 def test_the_ece_before_calibration_is_the_models_own_at_a_small_temperature(
-        trained_tiny, tmp_path, monkeypatch):
+        trained_tiny, tmp_path, monkeypatch, caplog):
     """A validation split the model separates perfectly fits a very small temperature (the
     default mock run's transfer model hits the search's 0.05). The card's ECE before
     calibration must still be the model's own: reading it back from the calibrated values gave
@@ -88,6 +88,8 @@ def test_the_ece_before_calibration_is_the_models_own_at_a_small_temperature(
                                           "reports": str(tmp_path / "reports")}})
     monkeypatch.setattr(evaluate, "fit_temperature", lambda proba, labels: 0.01)
     metrics = evaluate.run(own, "cnn")
+    assert "the temperature stopped at its bound 0.01 (searched (0.05, 20.0)): the validation " \
+        "split is separated perfectly" in caplog.text
 
     bundle = TrainedModel.load(models / "cnn")
     test = load_split(Path(cfg.paths.prepared), "test")
