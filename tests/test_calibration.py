@@ -76,7 +76,7 @@ def test_the_ece_before_calibration_is_the_models_own_at_a_small_temperature(
 
     from omegaconf import OmegaConf
 
-    from pipeline import evaluate
+    from pipeline import evaluate, report
     from pipeline.artifacts import TrainedModel, load_split
     from pipeline.metrics import calibration_bins
 
@@ -90,6 +90,12 @@ def test_the_ece_before_calibration_is_the_models_own_at_a_small_temperature(
     metrics = evaluate.run(own, "cnn")
     assert "the temperature stopped at its bound 0.01 (searched (0.05, 20.0)): the validation " \
         "split is separated perfectly" in caplog.text
+    own.models = {"cnn": cfg.models.cnn}
+    report.run(own)
+    card = (tmp_path / "reports" / "cards" / "cnn.md").read_text()
+    assert "temperature\n0.010, fitted on the validation split" in card
+    assert "That temperature is the search's\nlower bound (0.05): the model separates its " \
+        "validation split perfectly" in card
 
     bundle = TrainedModel.load(models / "cnn")
     test = load_split(Path(cfg.paths.prepared), "test")
