@@ -47,6 +47,14 @@ def fit_temperature(proba: np.ndarray, labels: np.ndarray) -> float:
     return float(math.exp(minimize_scalar(nll, bounds=(low, high), method="bounded").x))
 
 
+def temperature_bound(temperature: float) -> float | None:
+    """The end of ``TEMPERATURE_RANGE`` that ``fit_temperature`` stopped at, or None inside it.
+    At the lower end the validation split is separated perfectly and the calibrated
+    probabilities sit at 0 and 1; at the upper end they are near uniform."""
+    low, high = TEMPERATURE_RANGE
+    return low if temperature <= low * 1.01 else high if temperature >= high / 1.01 else None
+
+
 def fit_conformal(proba: np.ndarray, labels: np.ndarray, level: float) -> list[float]:
     """Per class c, the probability a class-c galaxy's own class must reach to be in its set:
     one minus the ``ceil((n_c + 1) level) / n_c`` quantile of ``1 - p_true`` over the ``n_c``

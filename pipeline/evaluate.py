@@ -44,6 +44,7 @@ from pipeline.calibration import (
     fit_conformal,
     fit_temperature,
     set_labels,
+    temperature_bound,
 )
 from pipeline.catalog import image_paths, read_csv_catalog
 from pipeline.config import stage_main
@@ -83,11 +84,12 @@ def fit_inference(trained: TrainedModel, val: dict, ev: DictConfig) -> Inference
                  correction.alpha, correction.validation_macro_f1)
     proba = apply_class_factors(raw, correction.class_factors)
     temperature = fit_temperature(proba, labels) if ev.calibration == "temperature" else 1.0
-    if not TEMPERATURE_RANGE[0] * 1.01 < temperature < TEMPERATURE_RANGE[1] / 1.01:
+    bound = temperature_bound(temperature)
+    if bound is not None:
         log.warning("calibration: the temperature stopped at its bound %.2f (searched %s): %s",
                     temperature, TEMPERATURE_RANGE,
                     "the validation split is separated perfectly, so calibrated probabilities "
-                    "sit at 0 and 1" if temperature < 1 else
+                    "sit at 0 and 1" if bound < 1 else
                     "the model is barely better than chance on validation, so calibrated "
                     "probabilities are near uniform")
     proba = apply_temperature(proba, temperature)

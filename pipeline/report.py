@@ -38,7 +38,7 @@ from pipeline.artifacts import (
     load_trained_config,
     shows_cutouts,
 )
-from pipeline.calibration import TEMPERATURE_RANGE
+from pipeline.calibration import temperature_bound
 from pipeline.config import model_train_config, schedule_description, stage_main
 from pipeline.errors import MissingInputError
 from pipeline.io import atomic_path, atomic_write_json, require_file
@@ -339,7 +339,7 @@ def run(cfg: DictConfig) -> list[Path]:
         "metric_rows": METRIC_ROWS,
         "bootstrap_n": BOOTSTRAP_N,
         "data": data_context(cfg, data_meta),
-        "temperature_range": TEMPERATURE_RANGE,
+        "temperature_bound": temperature_bound,
     }
     written = []
     with atomic_path(cards, signature=COMPARISON_NAME, key="paths.reports") as tmp:
