@@ -96,7 +96,7 @@ def throughput(root: Path, n: int, size: int, chunk: int) -> dict:
     bundle, images = root / "bundle", root / f"jpeg{n}"
     trained = TrainedModel.load(bundle)
     paths = sorted(images.glob("*.jpeg"))
-    x, _, _ = load_images(paths, trained.preprocessing, progress=False)
+    x = load_images(paths, trained.preprocessing, progress=False).images
     views = trained.inference.tta
 
     def by_hand(images: np.ndarray) -> np.ndarray:

@@ -328,7 +328,7 @@ def validate_predict(cfg: DictConfig | dict) -> DictConfig:
     """``conf/predict.yaml`` merged onto :class:`PredictConfig`, or a :class:`ConfigError`."""
     merged = _merge(PredictConfig, cfg)
     _require(not OmegaConf.is_missing(merged, "input"), "input", "???",
-             "a catalog CSV or a folder of images (input=path)")
+             "a catalog CSV, a folder of images or one image (input=path)")
     _no_missing(merged)
     for key in ("model_dir", "input", "output", "image_column"):
         _require(bool(str(merged[key]).strip()), key, merged[key], "a non-empty value")

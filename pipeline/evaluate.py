@@ -139,7 +139,7 @@ def framing_stress(trained: TrainedModel, raw: Path, test: dict, zooms: list[flo
     result: dict[str, dict[str, float]] = {}
     for name, how in cases:
         scale = how.get("zoom", 1.0) * how.get("resample", 1.0)
-        images, kept, skipped = load_images(
+        images, kept, skipped, *_ = load_images(
             paths, trained.preprocessing, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
             progress=False, transform=lambda image, how=how: reframe(image, **how),
             radii=None if radii is None else radii * scale)
@@ -183,7 +183,7 @@ def cross_check(trained: TrainedModel, name: str, check: DictConfig,
             f"{len(positive)} rows; a ROC AUC needs both kinds (labels there: "
             f"{sorted(catalog[check.label_column].unique())[:10]})")
     paths = image_paths(catalog[check.image_column], path.parent)
-    images, kept, skipped = load_images(paths, trained.preprocessing,
+    images, kept, skipped, *_ = load_images(paths, trained.preprocessing,
                                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                                         radii=catalog_radii(catalog, trained.preprocessing,
                                                             f"{key}.catalog = {path}"))

@@ -128,15 +128,15 @@ def galaxy_view_side(radius: float, fraction: float) -> int:
 
 
 def frame_galaxy(image: np.ndarray, fraction: float, display: bool,
-                 radius: float | None = None) -> np.ndarray:
+                 radius: float | None = None) -> tuple[np.ndarray, float]:
     """``image`` cropped (or sky-padded) so its galaxy's radius spans ``fraction`` of the
-    half-width: ``radius`` in pixels where a catalog gives it, else the half-light radius
-    measured on the image."""
+    half-width, and that radius in pixels: ``radius`` where a catalog gives it, else the
+    half-light radius measured on the image (predict reports it beside each galaxy)."""
     if radius is None:
         radius = half_light_radius(image, display)
     elif not (np.isfinite(radius) and radius > 0):
         raise UnmeasuredError(f"the catalog's radius ({radius} pixels) is not a positive number")
-    return centred_square(image, galaxy_view_side(radius, fraction))
+    return centred_square(image, galaxy_view_side(radius, fraction)), float(radius)
 
 
 def reframe(image: np.ndarray, zoom: float = 1.0, resample: float = 1.0, seed: int = 0

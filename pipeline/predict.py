@@ -61,7 +61,7 @@ from pipeline.io import (
     check_replaceable,
     is_within,
 )
-from pipeline.preprocess import catalog_radii, load_images
+from pipeline.preprocess import FIXED, Loaded, catalog_radii, load_images
 from pipeline.release import release_dir
 
 log = logging.getLogger(__name__)
@@ -102,10 +102,14 @@ def _numeric_columns(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def list_inputs(input_path: Path, image_column: str, encoding: str = "utf-8") -> Inputs:
-    """A folder of images (recursively), or a catalog CSV naming them in ``image_column``."""
-    if input_path.is_dir():
-        files = sorted(p for p in input_path.rglob("*")
-                       if p.is_file() and p.name.lower().endswith(FITS_SUFFIXES + DISPLAY_SUFFIXES))
+    """A folder of images (recursively), one image, or a catalog CSV naming them in
+    ``image_column``."""
+    is_image = input_path.is_file() and input_path.name.lower().endswith(
+        FITS_SUFFIXES + DISPLAY_SUFFIXES)
+    if input_path.is_dir() or is_image:
+        files = [input_path] if is_image else sorted(
+            p for p in input_path.rglob("*")
+            if p.is_file() and p.name.lower().endswith(FITS_SUFFIXES + DISPLAY_SUFFIXES))
         if not files:
             raise PredictError(f"input = {str(input_path)!r}: the folder holds no JPEG, PNG, "
                                "TIFF or FITS images")
@@ -118,6 +122,11 @@ def list_inputs(input_path: Path, image_column: str, encoding: str = "utf-8") ->
     if image_column not in catalog.columns:
         raise PredictError(f"{input_path}: no column image_column = {image_column!r}; the "
                            f"catalog has {list(catalog.columns)}")
+    blank = (catalog[image_column].str.strip() == "").to_numpy()
+    if blank.any():
+        raise PredictError(f"{input_path}: column image_column = {image_column!r} is empty in "
+                           f"{int(blank.sum())} row(s) (first: row {int(blank.argmax()) + 1}, "
+                           "header excluded); name an image in every row, or drop those rows")
     paths = image_paths(catalog[image_column], input_path.parent)
     return Inputs(_numeric_columns(catalog), paths, input_path, file_sha256(input_path))
 
@@ -249,15 +258,16 @@ class Settings:
     workers: int
 
 
-def classify_chunk(trained: TrainedModel, chunk: int, rows: np.ndarray, images: np.ndarray,
-                   kept: np.ndarray, skipped: list[dict], s: Settings) -> pd.DataFrame:
-    """One chunk's rows: predicted class, probabilities, entropy, dropout spread, or why the
-    galaxy was skipped. Monte Carlo draws are seeded by the chunk, so a shard or a resumed run
-    draws exactly what one uninterrupted run draws."""
+def classify_chunk(trained: TrainedModel, chunk: int, rows: np.ndarray, loaded: Loaded,
+                   s: Settings) -> pd.DataFrame:
+    """One chunk's rows: predicted class, probabilities, entropy, dropout spread, how the
+    galaxy was framed, or why it was skipped. Monte Carlo draws are seeded by the chunk, so a
+    shard or a resumed run draws exactly what one uninterrupted run draws."""
     classes = list(trained.scheme.classes)
+    kept = loaded.kept
     result = pd.DataFrame({ROW: rows, "skipped": ""})
-    result.loc[~kept, "skipped"] = [s_["reason"] for s_ in skipped]
-    x = images[kept]
+    result.loc[~kept, "skipped"] = [s_["reason"] for s_ in loaded.skipped]
+    x = loaded.images[kept]
     proba = np.full((len(rows), len(classes)), np.nan)
     spread = np.full(len(rows), np.nan)
     if len(x):
@@ -283,6 +293,12 @@ def classify_chunk(trained: TrainedModel, chunk: int, rows: np.ndarray, images: 
             sets[kept] = trained.prediction_sets(proba[kept])
         result["prediction_set"] = np.where(kept, set_labels(sets, classes), "")
         result["set_size"] = sets.sum(axis=1)
+    framing = str(trained.preprocessing.get("framing", FIXED))
+    if framing != FIXED:
+        # A galaxy whose size could not be measured was centre-cropped (prepare.unmeasured =
+        # fixed): the model saw it at another scale than its training galaxies, so say which.
+        result["framing"] = np.where(np.isnan(loaded.radius_px), FIXED, framing)
+        result["radius_px"] = loaded.radius_px
     return result
 
 
@@ -308,12 +324,21 @@ def run_chunks(trained: TrainedModel, inputs: Inputs, todo: list[int], chunk_siz
                                                        for k in todo),
                                                desc="classify", unit="img") as bar:
         pending = reader.submit(decode, todo[0]) if todo else None
+        grey: list[int] = []
         for i, chunk in enumerate(todo):
-            rows, (images, kept, skipped) = pending.result()
+            rows, loaded = pending.result()
             if i + 1 < len(todo):
                 pending = reader.submit(decode, todo[i + 1])
-            parts.save(chunk, classify_chunk(trained, chunk, rows, images, kept, skipped, s))
+            parts.save(chunk, classify_chunk(trained, chunk, rows, loaded, s))
+            grey.extend(rows[loaded.one_band & loaded.kept])
             bar.update(len(rows))
+    if grey:
+        # Colour separates red ellipticals from blue discs; a grey cutout hides it.
+        log.warning("%d of the %d cutouts classified here are grey (one band, or three identical "
+                    "ones; first: %s): a model trained on colour cutouts, as the gz1 releases "
+                    "were, loses what colour told it (README, 'Classifying a survey')",
+                    len(grey), sum(len(chunk_rows(n, chunk_size, k)) for k in todo),
+                    inputs.paths[grey[0]])
 
 
 # --------------------------------------------------------------------------- the table
@@ -324,6 +349,10 @@ COLUMN_TEXT = {
                            "dropout passes"),
     "prediction_set": ("", "conformal prediction set: the classes it may be, '|'-separated"),
     "set_size": ("", "number of classes in the prediction set"),
+    "framing": ("", "how the cutout was framed: the model's framing, or fixed (the centre crop) "
+                    "where the galaxy's size could not be measured"),
+    "radius_px": ("pix", "the galaxy's radius that framing scaled it by (half-light radius "
+                         "measured on the image, or the catalog's), in pixels of the input"),
 }
 
 
@@ -381,6 +410,7 @@ def provenance(trained: TrainedModel, s: Settings) -> dict:
             "PRIORALP": correction.alpha, "MCDROP": s.mc_samples,
             "TEMPERAT": trained.inference.temperature,
             "CONFLEV": trained.inference.conformal.level if trained.inference.conformal else 0,
+            "FRAMING": str(trained.preprocessing.get("framing", FIXED)),
             "PIPEVER": __version__, "DATE": dt.datetime.now(dt.timezone.utc).isoformat(
                 timespec="seconds")}
 
@@ -470,6 +500,11 @@ def merge(results: pd.DataFrame, inputs: Inputs, cfg: DictConfig, out: Path) -> 
     else:
         listing.unlink(missing_ok=True)
     good = results[~bad]
+    fixed = good["framing"] == FIXED if "framing" in good else pd.Series(False, good.index)
+    if fixed.any():  # only a galaxy_size or catalog_radius model writes the column
+        log.warning("%d of %d galaxies had no measurable size and were centre-cropped instead "
+                    "(framing = fixed in the table; first: %s): treat their classes with care",
+                    int(fixed.sum()), len(good), inputs.paths[int(good.loc[fixed, ROW].iloc[0])])
     user = inputs.table.iloc[good[ROW]].reset_index(drop=True)
     predictions = good.drop(columns=[ROW, "skipped"]).reset_index(drop=True)
     clash = [c for c in predictions.columns if c in user.columns]

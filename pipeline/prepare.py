@@ -113,7 +113,7 @@ def run(cfg: DictConfig) -> PreparedMeta:
     catalog = read_catalog(raw, scheme)
     # fetch drops repeated galaxies; a catalog made or edited by hand may still hold some.
     catalog, duplicates = drop_duplicate_galaxies(catalog, raw)
-    images, kept, skipped = load_images([raw / f for f in catalog["file"]], cfg.prepare,
+    images, kept, skipped, *_ = load_images([raw / f for f in catalog["file"]], cfg.prepare,
                                         catalog["objid"].tolist(),
                                         max_pixels=int(cfg.data.max_image_pixels),
                                         workers=os.cpu_count() or 1,

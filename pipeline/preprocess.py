@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -106,14 +107,25 @@ def catalog_radii(table: pd.DataFrame, prep: DictConfig, where: str) -> np.ndarr
     return radii
 
 
+class Loaded(NamedTuple):
+    """What :func:`load_images` gives back."""
+
+    images: np.ndarray  # (N, size, size, 3) in [-1, 1]; rows not kept are undefined
+    kept: np.ndarray  # which cutouts could be read (and framed)
+    skipped: list[dict]  # objid, file and reason for each one that could not
+    radius_px: np.ndarray  # the radius framing used, in the cutout's pixels; NaN: fixed crop
+    one_band: np.ndarray  # grey cutouts (three identical bands): no colour for the model
+
+
 def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 1, progress: bool = True,
                 transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                radii: np.ndarray | None = None
-                ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+                radii: np.ndarray | None = None) -> Loaded:
     """Read, crop, resize and normalise cutouts as ``prep`` (a ``prepare`` config) says.
 
-    Returns the images, a mask of the ones that could be read, and a record per skipped file.
+    Returns the images, a mask of the ones that could be read, a record per skipped file and
+    the radius each galaxy was framed by (NaN where the fixed crop was used, by the config or
+    because ``galaxy_size`` could not measure it: predict tells its users which).
     ``predict`` calls this with the trained model's own saved ``prepare`` config, so new
     images get exactly the preprocessing the model was trained on. ``workers`` threads decode
     files in parallel (the decoders release the GIL); each image's pixels depend on that image
@@ -131,6 +143,8 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
     ids = ids if ids is not None else [str(p) for p in paths]
     out = np.empty((len(paths), size, size, 3), dtype=np.float32)
     kept = np.zeros(len(paths), dtype=bool)
+    radius_px = np.full(len(paths), np.nan)
+    one_band = np.zeros(len(paths), dtype=bool)
     skipped: list[dict] = []
     pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
     centre_cropped: list[str] = []  # galaxy_size could not measure these; fixed crop instead
@@ -149,7 +163,8 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
         kept[idx] = True
 
     def read(i: int) -> tuple[np.ndarray, str, float] | str:
-        """A decoded cutout, its kind and the centre crop still to apply; or why not."""
+        """A decoded cutout, its kind and the centre crop still to apply; or why not. Records
+        the radius it was framed by."""
         path = paths[i]
         try:
             image, kind = read_image(path, max_pixels=max_pixels)
@@ -157,11 +172,12 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
             return str(err)
         if transform is not None:
             image = transform(image)
+        one_band[i] = bool((image[..., 1:] == image[..., :1]).all())
         if framing not in (GALAXY_SIZE, CATALOG_RADIUS):
             return image, kind, crop
         try:
-            framed = frame_galaxy(image, fraction, display=kind != FLUX,
-                                  radius=None if radii is None else float(radii[i]))
+            framed, radius_px[i] = frame_galaxy(image, fraction, display=kind != FLUX,
+                                                radius=None if radii is None else float(radii[i]))
         except UnmeasuredError as err:
             if fallback == FIXED:
                 centre_cropped.append(str(path))
@@ -191,4 +207,4 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
         log.warning("%d cutout(s) had no measurable galaxy size and got the fixed centre crop "
                     "(prepare.unmeasured = fixed); first: %s", len(centre_cropped),
                     centre_cropped[0])
-    return out, kept, skipped
+    return Loaded(out, kept, skipped, radius_px, one_band)

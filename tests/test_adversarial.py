@@ -461,12 +461,19 @@ CASES: dict[str, Case] = {
         None, "input=user/imgs", "output=p.csv", lam=True),
         r"m/model.keras: refused by Keras safe_mode", absent=("p.csv",)),
     "predict-no-input-given": Case("predict", model_dir_case(b""),
-                                   r"'input' = '\?\?\?' is invalid: a catalog CSV or a folder"),
+                                   r"'input' = '\?\?\?' is invalid: a catalog CSV, a folder"),
     "predict-missing-input": Case("predict", model_dir_case(b"", "input=nowhere.csv"),
                                   r"input = 'nowhere.csv': no such file or folder"),
     "predict-latin-1-catalog": Case("predict", model_dir_case(
         b"", "input=user/cat1.csv", "image_column=filename"),
         r"byte 0xe9 on line 2 is not valid utf-8.*set encoding=latin-1"),
+    "predict-blank-image-cell": Case("predict", lambda p, c: (
+        model_dir_case(b"")(p, c),
+        user_folder(p / "user", 2, extra_rows=["g9,150.5,2.5,spiral,"]),
+        ["model_dir=m", "input=user/catalog.csv", "image_column=filename", "output=p.csv"])[2],
+        r"user/catalog.csv: column image_column = 'filename' is empty in 1 row\(s\) \(first: "
+        r"row 7, header excluded\); name an image in every row, or drop those rows",
+        absent=("p.csv",)),
     "predict-not-a-model-folder": Case("predict", lambda p, c: ["model_dir=nowhere",
                                                                 "input=x.csv"],
                                        r"nowhere/config.yaml: not found; point at a folder "

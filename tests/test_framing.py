@@ -101,8 +101,8 @@ def test_galaxy_size_framing_shows_a_galaxy_alike_at_any_zoom_where_a_fixed_crop
     image = disc(14.0, side=200)
     copies = {f"z{z:g}": reframe(image, zoom=z, seed=1) for z in (1.0, 0.5, 2.0, 3.0)}
     paths = write_pngs(tmp_path, copies)
-    sized, kept, skipped = load_images(paths, prep(), progress=False)
-    fixed, _, _ = load_images(paths, prep(framing="fixed"), progress=False)
+    sized, kept, skipped, *_ = load_images(paths, prep(), progress=False)
+    fixed = load_images(paths, prep(framing="fixed"), progress=False).images
     assert kept.all() and not skipped
     for k in range(1, len(paths)):
         galaxy_size_change = np.abs(sized[k] - sized[0]).mean()
@@ -117,13 +117,16 @@ def test_a_cutout_with_no_galaxy_at_its_centre_is_skipped_or_centre_cropped_as_c
     paths = write_pngs(tmp_path, {"galaxy": disc(6.0, side=96), "blank": sky})
     with pytest.raises(UnmeasuredError, match="no source 3 sky sigmas above the sky"):
         half_light_radius(np.clip(sky, 0, 255).round(), display=True)
-    _, kept, skipped = load_images(paths, prep(), progress=False)
+    _, kept, skipped, radius, _ = load_images(paths, prep(), progress=False)
     assert kept.tolist() == [True, False]
     assert str(paths[1]) in skipped[0]["reason"]
     assert "prepare.unmeasured = fixed" in skipped[0]["reason"]
+    assert radius[0] == pytest.approx(6.0, rel=0.15) and np.isnan(radius[1])
     with caplog.at_level("WARNING", logger="pipeline.preprocess"):
-        _, kept, skipped = load_images(paths, prep(unmeasured="fixed"), progress=False)
+        _, kept, skipped, radius, _ = load_images(paths, prep(unmeasured="fixed"), progress=False)
     assert kept.all() and not skipped
+    # The centre-cropped one says so: no radius.
+    assert radius[0] == pytest.approx(6.0, rel=0.15) and np.isnan(radius[1])
     assert f"1 cutout(s) had no measurable galaxy size and got the fixed centre crop " \
            f"(prepare.unmeasured = fixed); first: {paths[1]}" in caplog.text
 
@@ -214,12 +217,12 @@ def test_catalog_radius_framing_crops_each_galaxy_to_the_radius_its_catalog_give
                    pixel_scale=0.5)
     radii = catalog_radii(table, framing, "my.csv")
     np.testing.assert_allclose(radii, [14.0, 7.0, 28.0])
-    views, kept, skipped = load_images(paths, framing, progress=False, radii=radii)
+    views, kept, skipped, *_ = load_images(paths, framing, progress=False, radii=radii)
     assert kept.all() and not skipped
     for k in (1, 2):  # the same apparent size at any zoom, as the catalog says
         assert np.abs(views[k] - views[0]).mean() < 0.05, paths[k].name
     # the view follows the catalog, not the image: a radius twice too large shrinks the galaxy
-    wrong, _, _ = load_images(paths[:1], framing, progress=False, radii=radii[:1] * 2)
+    wrong = load_images(paths[:1], framing, progress=False, radii=radii[:1] * 2).images
     assert np.abs(wrong[0] - views[0]).mean() > 3 * np.abs(views[1] - views[0]).mean()
     in_pixels = catalog_radii(table.assign(r_px=[14.0, 7.0, 28.0]), prep(
         framing="catalog_radius", radius_column="r_px", radius_unit="pixels"), "my.csv")
@@ -236,15 +239,16 @@ def test_a_galaxy_without_a_catalog_radius_is_skipped_or_centre_cropped_and_a_mi
     paths = write_pngs(tmp_path, {"a": disc(6.0, side=96), "b": disc(6.0, side=96)})
     framing = prep(framing="catalog_radius", radius_column="petroR90_r", radius_unit="pixels")
     radii = catalog_radii(pd.DataFrame({"petroR90_r": [6.0, "-"]}), framing, "my.csv")
-    _, kept, skipped = load_images(paths, framing, progress=False, radii=radii)
+    _, kept, skipped, radius, _ = load_images(paths, framing, progress=False, radii=radii)
     assert kept.tolist() == [True, False]
+    assert radius[0] == 6.0 and np.isnan(radius[1])
     assert skipped[0]["reason"] == (
         f"{paths[1]}: cannot measure the galaxy's size (the catalog's radius (nan pixels) is not "
         "a positive number); prepare.framing = catalog_radius skips it (prepare.unmeasured = "
         "fixed would centre-crop it)")
-    _, kept, _ = load_images(paths, prep(framing="catalog_radius", radius_column="petroR90_r",
-                                         radius_unit="pixels", unmeasured="fixed"),
-                             progress=False, radii=radii)
+    kept = load_images(paths, prep(framing="catalog_radius", radius_column="petroR90_r",
+                                   radius_unit="pixels", unmeasured="fixed"),
+                       progress=False, radii=radii).kept
     assert kept.all()
     with pytest.raises(CatalogError, match=r"my.csv: no column 'petroR90_r' \(prepare.radius_"
                                            r"column\) with each galaxy's radius, which prepare."

@@ -294,3 +294,48 @@ def test_a_hydra_multirun_over_shard_writes_one_table(trained_tiny, tmp_path):
     table = Table.read(out).to_pandas()
     pd.testing.assert_frame_equal(table[single.columns], single.reset_index(drop=True),
                                   check_dtype=False)
+
+
+def test_the_table_says_how_each_galaxy_was_framed_and_the_log_names_grey_cutouts(tmp_path,
+                                                                                   caplog):
+    """gz1 models frame each galaxy by its measured size and centre-crop one they cannot
+    measure: the user must be able to tell those rows apart, and the radius is worth having.
+    They were trained on colour: a grey cutout is classified, and the log says so."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from pipeline.framing import reframe
+    from pipeline.release import available
+    from tests.test_release import mock_cutouts
+
+    if "gz1-cnn-v2" not in available():
+        pytest.skip("this checkout carries no released gz1-cnn-v2")
+    folder = mock_cutouts(tmp_path / "in", n=2)
+    galaxy = np.moveaxis(fits.getdata(folder / "g0.fits").astype(np.float32), 0, -1)
+    fits.PrimaryHDU(np.moveaxis(reframe(galaxy, zoom=2.0), -1, 0)).writeto(
+        folder / "g0_zoomed.fits")
+    sky = np.random.default_rng(3).normal(100.0, 5.0, (3, 64, 64)).astype(np.float32)
+    fits.PrimaryHDU(sky).writeto(folder / "blank.fits")
+    fits.PrimaryHDU(galaxy[..., 1]).writeto(folder / "g0_grey.fits")
+    out = tmp_path / "p.fits"
+    with caplog.at_level("WARNING", logger="pipeline.predict"):
+        predict.run(predict_cfg(model="gz1-cnn-v2", input=str(folder), output=str(out),
+                                mc_dropout_samples=0))
+    table = Table.read(out, mask_invalid=False)  # NaN stays NaN, not masked
+    rows = {Path(str(row["image"])).stem: row for row in table}
+    assert [rows[k]["framing"] for k in ("blank", "g0", "g0_grey", "g0_zoomed", "g1")] == \
+        ["fixed", "galaxy_size", "galaxy_size", "galaxy_size", "galaxy_size"]
+    assert np.isnan(rows["blank"]["radius_px"])
+    assert rows["g0"]["radius_px"] > 1 and rows["g1"]["radius_px"] > 1
+    assert rows["g0_zoomed"]["radius_px"] / rows["g0"]["radius_px"] == pytest.approx(2, rel=0.15)
+    assert table["radius_px"].unit == "pix" and table.meta["FRAMING"] == "galaxy_size"
+    assert f"1 of 5 galaxies had no measurable size and were centre-cropped instead (framing " \
+           f"= fixed in the table; first: {folder / 'blank.fits'})" in caplog.text
+    assert f"1 of the 5 cutouts classified here are grey (one band, or three identical ones; " \
+           f"first: {folder / 'g0_grey.fits'})" in caplog.text
+    # One image is an input too, and gets the row it gets among others.
+    one = predict.run(predict_cfg(model="gz1-cnn-v2", input=str(folder / "g1.fits"),
+                                  output=str(tmp_path / "one.csv"), mc_dropout_samples=0))
+    assert one["image"].tolist() == [str(folder / "g1.fits")]
+    np.testing.assert_allclose(one.filter(like="p_").to_numpy()[0],
+                               [rows["g1"][c] for c in one.filter(like="p_").columns], atol=1e-6)
