@@ -49,3 +49,19 @@ def test_an_installed_wheel_predicts_from_a_folder_outside_the_checkout(trained_
     predictions = pd.read_csv(outside / "predictions.csv")
     assert len(predictions) == 24
     np.testing.assert_allclose(predictions.filter(like="p_").sum(axis=1), 1.0, atol=1e-5)
+
+    # A released model ships inside the wheel: classify by name, with no checkout.
+    from pipeline.release import available
+
+    if "gz1-cnn-v2" in available():
+        result = subprocess.run(
+            [str(python), "-m", "pipeline.predict", "model=gz1-cnn-v2",
+             f"input={Path(cfg.paths.raw) / 'images'}", "output=released.fits",
+             "mc_dropout_samples=0"], cwd=outside, env=env, capture_output=True, text=True,
+            timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        from astropy.table import Table
+
+        table = Table.read(outside / "released.fits")
+        assert len(table) == 24
+        assert str(table.meta["MODEL"]).startswith(str(target / "pipeline" / "released"))
