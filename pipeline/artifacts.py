@@ -469,13 +469,16 @@ class TrainedModel:
                                             zoom=zoom))
 
     def mc_dropout(self, images: np.ndarray, samples: int, batch_size: int, seed: int,
-                   tta: str | None = None, zoom: float | None = None) -> np.ndarray:
-        """``samples`` Monte Carlo dropout draws of :meth:`predict_proba`: (samples, N, K)."""
+                   tta: str | None = None, zoom: float | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict_proba` (N, K) and ``samples`` Monte Carlo dropout draws of it
+        (samples, N, K), from one pass of the network's trunk."""
         from pipeline.inference import mc_dropout_probabilities
 
         tta, zoom, factors = self._settings(tta, zoom)
-        return self.calibrate(mc_dropout_probabilities(self.model, images, samples, batch_size,
-                                                       seed, tta, factors, zoom=zoom))
+        proba, draws = mc_dropout_probabilities(self.model, images, samples, batch_size, seed,
+                                                tta, factors, zoom=zoom)
+        return self.calibrate(proba), self.calibrate(draws)
 
 
 def save_config(cfg: DictConfig, folder: Path) -> None:

@@ -126,14 +126,18 @@ def predict_proba(model, images: np.ndarray, tta: str = "none", batch_size: int 
 
 def mc_dropout_probabilities(model, images: np.ndarray, samples: int, batch_size: int,
                              seed: int, tta: str = "none", class_factors=None,
-                             zoom: float = 1.0) -> np.ndarray:
-    """``samples`` softmax outputs per image with the head's dropout left on (Gal & Ghahramani
+                             zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The probabilities :func:`predict_proba` gives (dropout off), shape (N, classes), and
+    ``samples`` softmax outputs per image with the head's dropout left on (Gal & Ghahramani
     2016), each averaged over the ``tta`` views: shape (samples, N, classes).
 
-    The expensive part (everything up to the pooled features) runs once per view; only the
-    head, where the dropout layers are, runs ``samples`` times. The masks come from a NumPy
-    generator seeded by ``seed`` alone (inverted dropout, as Keras applies it), so the same
-    images and seed give the same draws whatever ran before in the process.
+    The draws measure the spread only: the point estimate stays the deterministic one, which
+    the prior correction, temperature and conformal sets were fitted on and the card scored
+    (the draws' mean is not better on validation; docs/benchmarks.md). The expensive part
+    (everything up to the pooled features) runs once per view; only the head, where the
+    dropout layers are, runs ``samples`` + 1 times. The masks come from a NumPy generator seeded
+    by ``seed`` alone (inverted dropout, as Keras applies it), so the same images and seed give
+    the same draws whatever ran before in the process.
     """
     import keras
 
@@ -141,17 +145,19 @@ def mc_dropout_probabilities(model, images: np.ndarray, samples: int, batch_size
     head = model.layers[model.layers.index(model.get_layer("gap")) + 1:]
     features = [forward(trunk, v, batch_size) for v in tta_views(images, tta, zoom)]
     rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(samples):
+
+    def view_mean(dropout: bool) -> np.ndarray:
         mean = 0.0
         for f in features:
             x = f
             for layer in head:
-                if isinstance(layer, keras.layers.Dropout):
+                if not isinstance(layer, keras.layers.Dropout):
+                    x = keras.ops.convert_to_numpy(layer(x))
+                elif dropout:
                     keep = rng.random(x.shape) >= layer.rate
                     x = np.where(keep, x / (1.0 - layer.rate), 0.0).astype(np.float32)
-                else:
-                    x = keras.ops.convert_to_numpy(layer(x))
             mean = mean + x
-        draws.append(apply_class_factors(mean / len(features), class_factors))
-    return np.stack(draws)
+        return apply_class_factors(mean / len(features), class_factors)
+
+    deterministic = view_mean(dropout=False)
+    return deterministic, np.stack([view_mean(dropout=True) for _ in range(samples)])

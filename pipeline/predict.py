@@ -272,9 +272,9 @@ def classify_chunk(trained: TrainedModel, chunk: int, rows: np.ndarray, loaded: 
     spread = np.full(len(rows), np.nan)
     if len(x):
         if s.mc_samples > 0:
-            draws = trained.mc_dropout(x, s.mc_samples, s.batch_size,
-                                       s.seed * 1_000_003 + chunk, s.tta, s.zoom)
-            p = draws.mean(axis=0)
+            # The draws give the spread; the probabilities are the card's (dropout off).
+            p, draws = trained.mc_dropout(x, s.mc_samples, s.batch_size,
+                                          s.seed * 1_000_003 + chunk, s.tta, s.zoom)
             spread[kept] = draws[:, np.arange(len(x)), p.argmax(axis=1)].std(axis=0)
         else:
             p = trained.predict_proba(x, s.batch_size, s.tta, s.zoom)

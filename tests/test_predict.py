@@ -92,14 +92,22 @@ def test_predict_on_a_catalog_reproduces_evaluate(trained_tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_on_a_folder_with_mc_dropout_gives_a_spread(trained_tiny, tmp_path):
+def test_predict_on_a_folder_with_mc_dropout_gives_a_spread_not_other_probabilities(
+        trained_tiny, tmp_path):
     cfg, _ = trained_tiny
-    out = predict.run(predict_cfg(model_dir=str(Path(cfg.paths.models) / "cnn"),
-                                  input=str(Path(cfg.paths.raw) / "images"),
-                                  output=str(tmp_path / "p.csv"), mc_dropout_samples=20))
+    run = predict_cfg(model_dir=str(Path(cfg.paths.models) / "cnn"),
+                      input=str(Path(cfg.paths.raw) / "images"), output=str(tmp_path / "p.csv"))
+    out = predict.run(OmegaConf.merge(run, {"mc_dropout_samples": 20}))
     assert len(out) == 24
     assert (out["mc_dropout_std"] > 0).all()  # tiny dropout model: masks change the answer
     assert (out["entropy"] >= 0).all() and (out["entropy"] <= np.log(3) + 1e-6).all()
+    # The probabilities, classes and sets are the ones the card scored, with or without the
+    # draws: calibration and conformal coverage were fitted on those.
+    plain = predict.run(OmegaConf.merge(run, {"mc_dropout_samples": 0,
+                                              "output": str(tmp_path / "q.csv")}))
+    np.testing.assert_allclose(out.filter(like="p_").to_numpy(),
+                               plain.filter(like="p_").to_numpy(), atol=1e-5)
+    assert out["prediction_set"].tolist() == plain["prediction_set"].tolist()
 
 
 def test_predict_cli_names_a_missing_column(tmp_path):
