@@ -374,6 +374,22 @@ def adam(lr_scales: dict[str, float] | None, **kwargs):
     return LayerwiseAdam(**kwargs)
 
 
+def check_learned(best_val_loss: float, n_classes: int, learning_rate: float, name: str) -> None:
+    """A training that diverged (no finite validation loss to keep) is an error and nothing is
+    saved; one whose kept validation loss is no better than a uniform guess, log(classes), is
+    saved with a warning, since a learning-rate sweep may well try such a rate."""
+    guess = float(np.log(n_classes))
+    hint = (f"lower train.learning_rate (it is {learning_rate:g}), or check that the prepared "
+            "images vary and their labels are right")
+    if not np.isfinite(best_val_loss):
+        raise PipelineError(f"training {name} diverged: the validation loss was NaN or infinite "
+                            f"at every epoch that could be kept, so nothing was saved; {hint}")
+    if best_val_loss >= guess:
+        log.warning("training %s learned nothing: its best validation loss %.4g is no better "
+                    "than a uniform guess over %d classes (log %d = %.3f); %s", name,
+                    best_val_loss, n_classes, n_classes, guess, hint)
+
+
 def best_epoch_row(history, records: list[dict], min_epochs: int):
     """The history row of the weights kept: lowest val_loss among epochs past each phase's
     first ``min_epochs`` (the last epoch if none qualified, as then nothing was restored)."""
@@ -382,9 +398,9 @@ def best_epoch_row(history, records: list[dict], min_epochs: int):
         start = record["last_epoch"] - record["epochs_run"]
         warmup = (history["epoch"] > start) & (history["epoch"] <= start + min_epochs)
         eligible &= ~warmup.to_numpy()
-    if not eligible.any():
-        return history.iloc[-1]
     candidates = history[eligible]
+    if candidates["val_loss"].isna().all():  # none qualified, or every loss was NaN
+        return history.iloc[-1]
     return candidates.loc[candidates["val_loss"].idxmin()]
 
 
@@ -466,6 +482,7 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
             keras.callbacks.BackupAndRestore(str(state / f"backup_{phase.name}")),
             *averaging,
             epoch_stats_callback(number, len(x_train)),
+            keras.callbacks.TerminateOnNaN(),  # a NaN loss never recovers: stop the phase
             early_stopping,
             *plateau,
             checkpoint,
@@ -563,6 +580,7 @@ def fit(cfg: DictConfig, name: str, meta: PreparedMeta, state: Path) -> Fitted:
     history["epoch"] = history["epoch"] + 1  # 1-based, as Keras prints them
     history["phase"] = [built.phases[int(p) - 1].name for p in history["phase"]]
     best = best_epoch_row(history, records, int(t.min_epochs))
+    check_learned(float(best["val_loss"]), scheme.n_classes, float(t.learning_rate), name)
     transfer = mc.kind == "transfer"
     summary = TrainSummary(
         model=name,

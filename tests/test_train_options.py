@@ -141,6 +141,35 @@ def test_best_epoch_skips_each_phases_first_min_epochs():
     assert train.best_epoch_row(history, records, 10)["epoch"] == 8  # none qualified: the last
 
 
+def test_a_diverged_training_is_one_line_and_saves_nothing():
+    import numpy as np
+
+    from pipeline.errors import PipelineError
+
+    history = pd.DataFrame({"epoch": [1, 2, 3], "val_loss": [np.nan] * 3})
+    best = train.best_epoch_row(history, [{"last_epoch": 3, "epochs_run": 3}], 0)
+    assert best["epoch"] == 3
+    with pytest.raises(PipelineError, match=r"^training cnn diverged: the validation loss was "
+                                            r"NaN or infinite at every epoch that could be kept, "
+                                            r"so nothing was saved; lower train.learning_rate "
+                                            r"\(it is 0.5\)"):
+        train.check_learned(float(best["val_loss"]), 3, 0.5, "cnn")
+
+
+@pytest.mark.slow
+def test_a_training_worse_than_a_guess_is_saved_with_a_warning(prepared_tiny, tmp_path, caplog):
+    cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
+                      f"paths.prepared={prepared_tiny.paths.prepared}", "train.epochs=2",
+                      "train.learning_rate=10")
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        summary = train.run(cfg, "cnn")
+    assert summary.best_val_loss > 1.0987  # log 3: a uniform guess
+    assert (Path(cfg.paths.models) / "cnn" / "model.keras").is_file()
+    assert (f"training cnn learned nothing: its best validation loss {summary.best_val_loss:.4g} "
+            "is no better than a uniform guess over 3 classes (log 3 = 1.099); lower "
+            "train.learning_rate (it is 10)") in caplog.text
+
+
 @pytest.mark.slow
 def test_min_epochs_keeps_no_early_epoch(prepared_tiny, tmp_path):
     cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
