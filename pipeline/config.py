@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import math
@@ -666,11 +667,15 @@ def user_errors() -> Iterator[None]:
     except PipelineError as err:
         _report(str(err))
     except OSError as err:
-        if not is_disk_full(err):
-            raise
         where = Path(err.filename or ".")
-        _report(f"{where}: no space left on the device ({free_bytes(where.parent):,} bytes free "
-                "there); free some space or point the output at a larger disk")
+        if is_disk_full(err):
+            _report(f"{where}: no space left on the device ({free_bytes(where.parent):,} bytes "
+                    "free there); free some space or point the output at a larger disk")
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            # Nothing was replaced: outputs are written beside their place, then moved in.
+            _report(f"{where}: {err.strerror.lower()}; point the output (or input) at a folder "
+                    "this user can write (or read), or change its permissions")
+        raise
 
 
 def _report(message: str) -> None:

@@ -142,7 +142,7 @@ def run(cfg: DictConfig) -> PreparedMeta:
     n_copies = int(cfg.augment.copies) if cfg.augment.mode == "stored" else 0
     # float16 images, plus the augmented copies of the training split
     ensure_free_space(prepared.parent, images[:1].nbytes // 2 * (len(images) + n_copies * len(
-        split["train"])), "the prepared images")
+        split["train"])), "writing the prepared images")
 
     grid_n = min(int(cfg.prepare.grid_examples), len(split["train"]))
     with atomic_path(prepared, signature=META_NAME, key="paths.prepared") as tmp:

@@ -596,6 +596,30 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only tmpfs (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "read_only"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                            capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()[:80]}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, read_only_folder,
+                                                             earlier_raw):
+    shutil.copytree(earlier_raw, tmp_path / "data" / "raw")
+    result = run_cli("fetch", ["debug=tiny", f"paths.raw={read_only_folder / 'raw'}"], tmp_path)
+    text = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in text, text
+    assert re.search(rf"{read_only_folder}/\S*: read-only file system; point the output \(or "
+                     r"input\) at a folder this user can write", text), text
+    assert (tmp_path / "data" / "raw" / "catalog.csv").is_file()  # the earlier output is kept
+
+
 def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, small_disk,
                                                                  earlier_raw):
     raw = tmp_path / "data" / "raw"
@@ -605,7 +629,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, small
                                  f"paths.prepared={small_disk / 'prepared'}"], tmp_path)
     text = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in text, text
-    assert re.search(rf"{small_disk}: the prepared images needs [\d,]+ bytes, but only "
+    assert re.search(rf"{small_disk}: writing the prepared images needs [\d,]+ bytes, but only "
                      r"[\d,]+ bytes are free there", text), text
     # fetch cannot know in advance: the disk fills while it writes
     result = run_cli("fetch", ["data.mock.n_per_class=200", f"paths.raw={small_disk / 'raw'}"],
