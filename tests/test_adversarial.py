@@ -11,6 +11,7 @@ before and after a change come from running this file on both checkouts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -21,7 +22,7 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -583,30 +584,30 @@ def test_a_killed_fetch_leaves_the_old_output_and_the_next_run_cleans_up(tmp_pat
     assert "left by an interrupted run" in result.stdout + result.stderr
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MB tmpfs (root only; skipped where mounting is not allowed)."""
-    mount = tmp_path / "small"
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted with ``options`` (root only; skipped where mounting is not allowed)."""
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
                             capture_output=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()[:80]}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    with tmpfs(tmp_path / "small", "size=2m") as mount:
+        yield mount
 
 
 @pytest.fixture
 def read_only_folder(tmp_path):
-    """A read-only tmpfs (root only; skipped where mounting is not allowed)."""
-    mount = tmp_path / "read_only"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
-                            capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()[:80]}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    with tmpfs(tmp_path / "read_only", "ro,size=1m") as mount:
+        yield mount
 
 
 def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, read_only_folder,
