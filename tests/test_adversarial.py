@@ -212,6 +212,15 @@ def sdss_case(*extra: str, bodies: dict[str, bytes] | None = None,
     return setup
 
 
+def closed_port() -> int:
+    """A local port nobody listens on: bound, then released."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def sql_header(columns: str) -> bytes:
     return f"#Table1\n{columns}\n".encode()
 
@@ -411,8 +420,17 @@ CASES: dict[str, Case] = {
         "fetch", sdss_case("data.max_bad_fraction=1.0",
                            faults={f"{g.ra:.6f}": ("500", 99) for g in make_galaxies(8)}),
         r"no galaxies left", needs=("earlier_raw",)),
+    "cas-unreachable": Case("fetch", lambda p, c: (
+        shutil.copytree(c["earlier_raw"], p / "data" / "raw"),
+        sdss_args(f"http://127.0.0.1:{closed_port()}", p / "cache"))[1],
+        r"SQL query for class 'elliptical': ConnectionError after 1 attempt\(s\) to "
+        r"127.0.0.1:\d+; check this machine's network, or set skyserver_url / sas_url \(under "
+        r"data.sdss, or region.sdss for predict\) to a mirror that answers",
+        needs=("earlier_raw",)),
     "cas-trickled-reply": Case("fetch", sdss_case(faults={"sql": ("drip", 99)}),
-                               r"SQL query for class 'elliptical': Timeout after 1 attempt",
+                               r"SQL query for class 'elliptical': Timeout after 1 "
+                               r"attempt\(s\) from 127.0.0.1:\d+ \(timeout_s = \S+\); the "
+                               r"archive may be busy: raise timeout_s or retries",
                                needs=("earlier_raw",)),
     # ---- stages run before the one they need
     "prepare-before-fetch": Case("prepare", lambda p, c: ["debug=tiny"],

@@ -299,10 +299,22 @@ def with_retries(call: Callable, sc: DictConfig, what: str):
                 requests.exceptions.ChunkedEncodingError) as err:  # the last: a truncated body
             if attempt == sc.retries:
                 raise SdssError(f"{what}: {type(err).__name__} after {attempt + 1} "
-                                "attempt(s)") from err
+                                f"attempt(s){_unreachable_hint(err, sc)}") from err
         time.sleep(delay)
         delay *= 2
     raise AssertionError("unreachable")
+
+
+def _unreachable_hint(err: requests.RequestException, sc: DictConfig) -> str:
+    """Where the request went and what the user can change: a timeout asks for patience,
+    anything else for the network or a mirror."""
+    url = getattr(err.request, "url", None) or ""
+    host = requests.utils.urlparse(url).netloc or "the archive"
+    if isinstance(err, requests.Timeout):
+        return (f" from {host} (timeout_s = {sc.timeout_s:g}); the archive may be busy: raise "
+                "timeout_s or retries, or try later")
+    return (f" to {host}; check this machine's network, or set skyserver_url / sas_url (under "
+            "data.sdss, or region.sdss for predict) to a mirror that answers")
 
 
 class DeadlineAdapter(requests.adapters.HTTPAdapter):
@@ -324,7 +336,7 @@ class DeadlineAdapter(requests.adapters.HTTPAdapter):
         if stream:
             return response
         try:
-            body = self._read_body(response.raw, start, request.url)
+            body = self._read_body(response.raw, start, request)
         finally:
             response.close()
         # The body, read: what requests' own non-streaming send stores (as requests-cache and
@@ -332,12 +344,13 @@ class DeadlineAdapter(requests.adapters.HTTPAdapter):
         response._content = body
         return response
 
-    def _read_body(self, raw, start: float, url: str) -> bytes:
+    def _read_body(self, raw, start: float, request: requests.PreparedRequest) -> bytes:
         """Read as bytes arrive (``read1``: a trickle cannot hold one read open), checking the
         deadline and the size cap after each piece."""
         import urllib3
 
         read = getattr(raw, "read1", raw.read)  # read1: urllib3 >= 2.3
+        url = request.url
         chunks, size = [], 0
         try:
             while chunk := read(65536, decode_content=True):
@@ -347,12 +360,13 @@ class DeadlineAdapter(requests.adapters.HTTPAdapter):
                                     f"{self.max_bytes}")
                 if time.monotonic() - start > self.deadline_s:
                     raise requests.Timeout(f"{url}: no complete reply within "
-                                           f"data.sdss.timeout_s = {self.deadline_s} s")
+                                           f"data.sdss.timeout_s = {self.deadline_s} s",
+                                           request=request)
                 chunks.append(chunk)
         except urllib3.exceptions.ReadTimeoutError as err:
-            raise requests.Timeout(str(err)) from err
+            raise requests.Timeout(str(err), request=request) from err
         except urllib3.exceptions.ProtocolError as err:  # a truncated body, as requests says it
-            raise requests.exceptions.ChunkedEncodingError(str(err)) from err
+            raise requests.exceptions.ChunkedEncodingError(str(err), request=request) from err
         return b"".join(chunks)
 
 
