@@ -76,6 +76,22 @@ def release_dir(name: str) -> Path:
     return folder
 
 
+def release_table() -> str:
+    """One line per released model with its card's test figures, to choose one by."""
+    lines = [f"{'release':<18} {'model':<40} {'test galaxies':>13} {'accuracy':>8} "
+             f"{'macro-F1':>8} {'MB':>5}"]
+    for name in available():
+        folder = release_dir(name)
+        card = json.loads((folder / "model_card.json").read_text(encoding="utf-8"))
+        test, details = card["metrics"]["test"], card["model_details"]
+        model = details["description"] + (f" ({details['backbone']})" if details["backbone"]
+                                          else "")
+        size = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
+        lines.append(f"{name:<18} {model[:40]:<40} {test['n_test']:>13} "
+                     f"{test['accuracy']:>8.3f} {test['macro_f1']:>8.3f} {size:>5.1f}")
+    return "\n".join([*lines, "", f"model cards: {RELEASED}/<release>/model_card.html"])
+
+
 def without_cutouts(html: str) -> str:
     """A card's HTML with each embedded figure of galaxy cutouts replaced by a short note."""
     return re.sub(rf"<img[^>]*{re.escape(CUTOUT_MARK)}[^>]*>", CUTOUT_NOTE, html)
@@ -146,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.list:
-        print("\n".join(available()) or "no released models")
+        print(release_table() if available() else "no released models")
         return
     if not (args.model_dir and args.name and args.version):
         parser.error("--model-dir, --name and --version are needed (or --list)")

@@ -127,3 +127,19 @@ def test_a_released_cards_figures_match_a_re_evaluation_on_its_split(name, tmp_p
     assert accuracy_score(test["labels"], predicted) == pytest.approx(card["accuracy"], abs=1e-9)
     assert f1_score(test["labels"], predicted, average="macro") == pytest.approx(
         card["macro_f1"], abs=1e-9)
+
+
+@pytest.mark.parametrize("name", available() or [pytest.param(None, marks=pytest.mark.skip(
+    reason="this checkout carries no released model"))])
+def test_the_list_of_releases_gives_each_cards_test_figures(name):
+    import subprocess
+    import sys
+
+    listing = subprocess.run([sys.executable, "-m", "pipeline.release", "--list"],
+                             capture_output=True, text=True, check=True, timeout=120).stdout
+    card = json.loads((release_dir(name) / "model_card.json").read_text())
+    test = card["metrics"]["test"]
+    row = next(line for line in listing.splitlines() if line.startswith(name + " "))
+    assert row.split()[-4:-1] == [str(test["n_test"]), f"{test['accuracy']:.3f}",
+                                  f"{test['macro_f1']:.3f}"]
+    assert f"model cards: {release_dir(name).parent}/<release>/model_card.html" in listing
