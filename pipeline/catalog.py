@@ -6,9 +6,10 @@ catalogs (the folder source, predict) are read by :func:`read_csv_catalog`, whic
 empty file, a wrong encoding or a ragged row into one line naming the file, the line and what
 would work, instead of a parser traceback.
 
-The same galaxy twice (a repeated row, or two rows whose images are the same bytes) would land
-on both sides of the train/test split and inflate every test metric, so
-:func:`drop_duplicate_galaxies` keeps one copy, or none when the copies disagree on the label.
+The same galaxy twice (a repeated row, two rows whose images are the same bytes, or two
+cutouts of one position on the sky) would land on both sides of the train/test split and
+inflate every test metric, so :func:`drop_duplicate_galaxies` keeps one copy, or none when the
+copies disagree on the label.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
+# Rows whose positions lie this close are one galaxy: SDSS positions repeat to ~0.1", and two
+# galaxies closer than the ~1.4" seeing are one blend in its images anyway.
+SAME_GALAXY_ARCSEC = 1.0
+PLACEHOLDER_REPEATS = 3
 
 
 class CatalogError(PipelineError, ValueError):
@@ -108,8 +113,9 @@ def file_digest(path: Path) -> str:
 
 def drop_duplicate_galaxies(catalog: pd.DataFrame, root: Path) -> tuple[pd.DataFrame,
                                                                         pd.DataFrame]:
-    """Keep one row per galaxy. Rows that share an ``objid``, or whose files (under ``root``)
-    have the same bytes, are one galaxy, and so is any chain of such links.
+    """Keep one row per galaxy. Rows that share an ``objid``, whose files (under ``root``)
+    have the same bytes, or whose ``ra``/``dec`` lie within :data:`SAME_GALAXY_ARCSEC` are one
+    galaxy, and so is any chain of such links (rows without a position link by the others).
 
     A galaxy whose rows agree on the label keeps its first row; one whose rows disagree loses
     them all (the label is ambiguous). Returns the kept catalog and the dropped rows, each with
@@ -126,9 +132,11 @@ def drop_duplicate_galaxies(catalog: pd.DataFrame, root: Path) -> tuple[pd.DataF
     ids, n_ids = pd.factorize(work["objid"])[0], work["objid"].nunique()
     same_bytes = pd.factorize(pd.Series(digests))[0]
     # Rows, ids and digests as nodes of one graph; a galaxy is a connected component.
-    edges = (np.r_[np.arange(n), np.arange(n)], np.r_[n + ids, n + n_ids + same_bytes])
+    near_a, near_b = same_position(work)
+    edges = (np.r_[np.arange(n), np.arange(n), near_a],
+             np.r_[n + ids, n + n_ids + same_bytes, near_b])
     size = n + n_ids + int(same_bytes.max(initial=-1)) + 1
-    graph = coo_matrix((np.ones(2 * n), edges), shape=(size, size))
+    graph = coo_matrix((np.ones(len(edges[0])), edges), shape=(size, size))
     galaxy = connected_components(graph, directed=False)[1][:n]
     work = work.assign(_galaxy=galaxy)
     labels_per_galaxy = work.groupby("_galaxy")["label"].transform("nunique")
@@ -137,10 +145,10 @@ def drop_duplicate_galaxies(catalog: pd.DataFrame, root: Path) -> tuple[pd.DataF
     conflict = labels_per_galaxy > 1
     repeat = ~first & ~conflict
     reason = pd.Series("", index=work.index)
-    reason[conflict] = "the same galaxy (objid or image bytes) as another row with a " \
-        "different label"
-    reason[repeat] = [f"a copy of row {int(k) + 1} (same objid or image bytes)"
-                      for k in first_row[repeat]]
+    reason[conflict] = "the same galaxy (objid, image bytes or position) as another row " \
+        "with a different label"
+    reason[repeat] = [f"a copy of row {int(k) + 1} (same objid, image bytes or position within "
+                      f'{SAME_GALAXY_ARCSEC:g}")' for k in first_row[repeat]]
     drop = conflict | repeat
     removed = work[drop].assign(reason=reason[drop])
     if len(removed):
@@ -150,6 +158,37 @@ def drop_duplicate_galaxies(catalog: pd.DataFrame, root: Path) -> tuple[pd.DataF
     columns = [*catalog.columns]
     return (work[~drop][columns].reset_index(drop=True),
             removed[[*columns, "reason"]].reset_index(drop=True))
+
+
+def same_position(catalog: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of rows (indices into ``catalog``) whose ``ra``/``dec`` (degrees) lie within
+    :data:`SAME_GALAXY_ARCSEC`; none where the catalog has no positions."""
+    none = (np.zeros(0, dtype=int), np.zeros(0, dtype=int))
+    if not {"ra", "dec"} <= set(catalog.columns):
+        return none
+    ra = pd.to_numeric(catalog["ra"], errors="coerce").to_numpy(dtype=float)
+    dec = pd.to_numeric(catalog["dec"], errors="coerce").to_numpy(dtype=float)
+    known = np.isfinite(ra) & np.isfinite(dec)
+    # One position written verbatim on three rows or more is a placeholder (0, 0 for "not
+    # known"), not one galaxy: such rows are matched by id and bytes only.
+    positions = pd.DataFrame({"ra": ra, "dec": dec})
+    repeats = positions.groupby(["ra", "dec"], dropna=False)["ra"].transform("size").to_numpy()
+    placeholder = known & (repeats >= PLACEHOLDER_REPEATS)
+    if placeholder.any():
+        first = int(np.flatnonzero(placeholder)[0])
+        log.warning("%d rows share a position written the same way (first: ra, dec = %s, %s on "
+                    "row %d): taken as placeholders, not matched by position", placeholder.sum(),
+                    catalog["ra"].iloc[first], catalog["dec"].iloc[first], first + 1)
+    rows = np.flatnonzero(known & ~placeholder)
+    if len(rows) < 2:
+        return none
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord, search_around_sky
+
+    sky = SkyCoord(ra[rows] * u.deg, dec[rows] * u.deg)
+    a, b, _, _ = search_around_sky(sky, sky, SAME_GALAXY_ARCSEC * u.arcsec)
+    pair = a < b
+    return rows[a[pair]], rows[b[pair]]
 
 
 def galaxies_needed_per_class(val: float, test: float) -> int:
