@@ -182,6 +182,26 @@ def check_output(output: Path, source: Path | None, model_dir: Path, images: lis
                           f"of {sorted(FORMATS)}")
 
 
+def check_fits_text(table: pd.DataFrame, output: Path) -> None:
+    """FITS tables hold ASCII text only (the standard says so, and astropy refuses anything
+    else): a catalog with other characters is refused before any galaxy is classified."""
+    if FORMATS.get(output.suffix.lower()) != "fits":
+        return
+    instead = "write .vot or .ecsv (UTF-8) instead, or drop that column from the catalog"
+    for column in table.columns:
+        where = f"output = {str(output)!r}: FITS tables hold ASCII text only, and column"
+        if not str(column).isascii():
+            raise OutputError(f"{where} name {str(column)!r} is not; {instead}")
+        values = table[column]
+        if not (values.dtype == object or pd.api.types.is_string_dtype(values.dtype)):
+            continue
+        bad = ~values.astype(str).map(str.isascii).to_numpy(dtype=bool)
+        if bad.any():
+            row = int(bad.argmax())
+            raise OutputError(f"{where} {str(column)!r} has {values.iloc[row]!r} on row "
+                              f"{row + 1}; {instead}")
+
+
 # --------------------------------------------------------------------------- part files
 class Parts:
     """Finished chunks, kept beside the output until the table is written.
@@ -430,6 +450,7 @@ def run(cfg: DictConfig) -> pd.DataFrame | None:
     else:
         check_output(out, None, model_dir, [])
         inputs = region_inputs(cfg, trained_config)
+    check_fits_text(inputs.table, out)
     trained = TrainedModel.load(model_dir)
     # A model framed by a catalog radius needs that column in the input too.
     folder = inputs.source is not None and inputs.source.is_dir()

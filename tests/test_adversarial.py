@@ -493,6 +493,13 @@ CASES: dict[str, Case] = {
         r"user/catalog.csv: column image_column = 'filename' is empty in 1 row\(s\) \(first: "
         r"row 7, header excluded\); name an image in every row, or drop those rows",
         absent=("p.csv",)),
+    "predict-fits-with-non-ascii-text": Case("predict", lambda p, c: (
+        model_dir_case(b"")(p, c),
+        user_folder(p / "user", 2,
+                    extra_rows=["NGC 4874 – core,150.5,2.5,spiral,imgs/spiral_0.png"]),
+        ["model_dir=m", "input=user/catalog.csv", "image_column=filename", "output=p.fits"])[2],
+        r"output = 'p.fits': FITS tables hold ASCII text only, and column 'id' has 'NGC 4874 – "
+        r"core' on row 7; write .vot or .ecsv \(UTF-8\) instead", absent=("p.fits",)),
     "predict-not-a-model-folder": Case("predict", lambda p, c: ["model_dir=nowhere",
                                                                 "input=x.csv"],
                                        r"nowhere/config.yaml: not found; point at a folder "
