@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import html
 import json
 import logging
 import re
@@ -124,10 +125,18 @@ def make_release(model_dir: Path, cards: Path, name: str, version: int,
         inference = InferenceSettings.load(model_dir)
         inference.model_sha256 = file_sha256(tmp / MODEL_NAME)
         inference.save(tmp)
-        card = card_base.with_suffix(".html").read_text(encoding="utf-8")
-        (tmp / "model_card.html").write_text(without_cutouts(card), encoding="utf-8")
-        shutil.copy2(card_base.with_suffix(".json"), tmp / "model_card.json")
         release = f"{name}-v{version}"
+        # The card's Files line names the folder it was trained in; users have the release.
+        card_json = json.loads(card_base.with_suffix(".json").read_text(encoding="utf-8"))
+        trained_path = str(card_json["model_details"]["path"])
+        shipped_path = f"pipeline/released/{release}/{MODEL_NAME}"
+        card_json["model_details"]["path"] = shipped_path
+        card = card_base.with_suffix(".html").read_text(encoding="utf-8")
+        (tmp / "model_card.html").write_text(
+            without_cutouts(card).replace(f"<code>{html.escape(trained_path)}</code>",
+                                          f"<code>{shipped_path}</code>"), encoding="utf-8")
+        (tmp / "model_card.json").write_text(json.dumps(card_json, indent=2) + "\n",
+                                             encoding="utf-8")
         (tmp / RELEASE_NAME).write_text(json.dumps({
             "name": release, "model": name, "version": version,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -41,6 +41,12 @@ def test_a_release_is_the_bundle_without_optimizer_state_and_predicts_by_name(
     assert CUTOUT_MARK not in shipped and shipped.count(CUTOUT_NOTE) == 3
     assert shipped.count("data:image/png") == full.count("data:image/png") - 3
     assert 'alt="Learning curves"' in shipped
+    # The card names the file users have, not the folder it was trained in.
+    shipped_card = json.loads((folder / "model_card.json").read_text())
+    assert shipped_card["model_details"]["path"] == "pipeline/released/tiny-cnn-v1/model.keras"
+    assert "<code>pipeline/released/tiny-cnn-v1/model.keras</code>" in shipped
+    assert f"<code>{source / MODEL_NAME}</code>" in full
+    assert f"<code>{source / MODEL_NAME}</code>" not in shipped
     with pytest.raises(ReleaseError, match=r"tiny-cnn-v1 exists: a released version is never "
                                            r"replaced"):
         make_release(source, Path(cfg.paths.reports) / "cards", "tiny-cnn", 1, into=tmp_path)
