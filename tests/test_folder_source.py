@@ -53,6 +53,21 @@ def folder_cfg(tmp_path: Path, catalog: Path, *extra: str):
         *extra)
 
 
+def test_spreadsheet_spaces_are_ignored_and_a_label_off_by_case_is_named(tmp_path, caplog):
+    catalog = make_folder(tmp_path / "user")
+    table = pd.read_csv(catalog, dtype=str)
+    elliptical = table.index[table["morph"] == "E"]
+    table.loc[elliptical[:3], "morph"] = "E "  # a trailing space from a spreadsheet
+    table.loc[table.index[table["morph"] == "S_cw"][:2], "morph"] = "s_cw"
+    table.to_csv(catalog, index=False)
+    with caplog.at_level("WARNING"):
+        out = fetch.run(folder_cfg(tmp_path, catalog))
+    assert out["label"].value_counts().to_dict() == {"spiral": 12, "elliptical": 7, "edge_on": 7}
+    assert "dropped 9 galaxies whose label is not in data.folder.label_map: {'merger': 7, " \
+           "'s_cw': 2}; {'s_cw': 'S_cw'} differ from the map's labels only by case: add them " \
+           "to data.folder.label_map if they are the same class" in caplog.text
+
+
 def test_folder_source_maps_labels_drops_unmapped_and_copies_images(tmp_path, caplog):
     catalog = make_folder(tmp_path / "user")
     cfg = folder_cfg(tmp_path, catalog)

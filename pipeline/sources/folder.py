@@ -70,12 +70,16 @@ def fetch_folder(cfg: DictConfig, out_dir: Path) -> pd.DataFrame:
     if bad_targets:
         raise CatalogError(f"data.folder.label_map maps onto {bad_targets}, which are not in "
                            f"data.classes {classes}")
-    raw_labels = catalog[fc.label_column]
+    raw_labels = catalog[fc.label_column].str.strip()  # "spiral " from a spreadsheet is spiral
     mapped = raw_labels.map(label_map)
     dropped = raw_labels[mapped.isna()].value_counts()
     if len(dropped):
-        log.info("dropped %d galaxies whose label is not in data.folder.label_map: %s",
-                 int(dropped.sum()), dropped.to_dict())
+        known = {k.lower(): k for k in label_map}
+        near = {d: known[d.lower()] for d in dropped.index if d.lower() in known}
+        log.warning("dropped %d galaxies whose label is not in data.folder.label_map: %s%s",
+                    int(dropped.sum()), dropped.to_dict(),
+                    f"; {near} differ from the map's labels only by case: add them to "
+                    "data.folder.label_map if they are the same class" if near else "")
     catalog = catalog[mapped.notna()].assign(label=mapped[mapped.notna()])
     if catalog.empty:
         raise CatalogError(f"no galaxy left after mapping labels: data.folder.label_map covers "
