@@ -184,9 +184,9 @@ def cross_check(trained: TrainedModel, name: str, check: DictConfig,
             f"{sorted(catalog[check.label_column].unique())[:10]})")
     paths = image_paths(catalog[check.image_column], path.parent)
     images, kept, skipped, *_ = load_images(paths, trained.preprocessing,
-                                        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                                        radii=catalog_radii(catalog, trained.preprocessing,
-                                                            f"{key}.catalog = {path}"))
+                                            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                                            radii=catalog_radii(catalog, trained.preprocessing,
+                                                                f"{key}.catalog = {path}"))
     if not kept.any():
         raise PipelineError(f"{path}: none of its {len(paths)} cutouts could be read "
                             f"(first: {skipped[0]}); check {key}.image_column")

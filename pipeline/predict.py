@@ -61,7 +61,7 @@ from pipeline.io import (
     check_replaceable,
     is_within,
 )
-from pipeline.preprocess import FIXED, Loaded, catalog_radii, load_images
+from pipeline.preprocess import FIXED, Loaded, catalog_radii, framing_of, load_images
 from pipeline.release import release_dir
 
 log = logging.getLogger(__name__)
@@ -313,7 +313,7 @@ def classify_chunk(trained: TrainedModel, chunk: int, rows: np.ndarray, loaded: 
             sets[kept] = trained.prediction_sets(proba[kept])
         result["prediction_set"] = np.where(kept, set_labels(sets, classes), "")
         result["set_size"] = sets.sum(axis=1)
-    framing = str(trained.preprocessing.get("framing", FIXED))
+    framing = framing_of(trained.preprocessing)
     if framing != FIXED:
         # A galaxy whose size could not be measured was centre-cropped (prepare.unmeasured =
         # fixed): the model saw it at another scale than its training galaxies, so say which.
@@ -340,9 +340,8 @@ def run_chunks(trained: TrainedModel, inputs: Inputs, todo: list[int], chunk_siz
                                  max_pixels=s.max_pixels, workers=s.workers, progress=False,
                                  radii=None if inputs.radii is None else inputs.radii[rows])
 
-    with ThreadPoolExecutor(1) as reader, tqdm(total=sum(len(chunk_rows(n, chunk_size, k))
-                                                       for k in todo),
-                                               desc="classify", unit="img") as bar:
+    total = sum(len(chunk_rows(n, chunk_size, k)) for k in todo)
+    with ThreadPoolExecutor(1) as reader, tqdm(total=total, desc="classify", unit="img") as bar:
         pending = reader.submit(decode, todo[0]) if todo else None
         grey: list[int] = []
         for i, chunk in enumerate(todo):
@@ -357,8 +356,7 @@ def run_chunks(trained: TrainedModel, inputs: Inputs, todo: list[int], chunk_siz
         log.warning("%d of the %d cutouts classified here are grey (one band, or three identical "
                     "ones; first: %s): a model trained on colour cutouts, as the gz1 releases "
                     "were, loses what colour told it (README, 'Classifying a survey')",
-                    len(grey), sum(len(chunk_rows(n, chunk_size, k)) for k in todo),
-                    inputs.paths[grey[0]])
+                    len(grey), total, inputs.paths[grey[0]])
 
 
 # --------------------------------------------------------------------------- the table
@@ -430,7 +428,7 @@ def provenance(trained: TrainedModel, s: Settings) -> dict:
             "PRIORALP": correction.alpha, "MCDROP": s.mc_samples,
             "TEMPERAT": trained.inference.temperature,
             "CONFLEV": trained.inference.conformal.level if trained.inference.conformal else 0,
-            "FRAMING": str(trained.preprocessing.get("framing", FIXED)),
+            "FRAMING": framing_of(trained.preprocessing),
             "PIPEVER": __version__, "DATE": dt.datetime.now(dt.timezone.utc).isoformat(
                 timespec="seconds")}
 
@@ -521,8 +519,8 @@ def merge(results: pd.DataFrame, inputs: Inputs, cfg: DictConfig, out: Path) -> 
     else:
         listing.unlink(missing_ok=True)
     good = results[~bad]
-    fixed = good["framing"] == FIXED if "framing" in good else pd.Series(False, good.index)
-    if fixed.any():  # only a galaxy_size or catalog_radius model writes the column
+    # Only a galaxy_size or catalog_radius model writes the column.
+    if "framing" in good and (fixed := good["framing"] == FIXED).any():
         log.warning("%d of %d galaxies had no measurable size and were centre-cropped instead "
                     "(framing = fixed in the table; first: %s): treat their classes with care",
                     int(fixed.sum()), len(good), inputs.paths[int(good.loc[fixed, ROW].iloc[0])])

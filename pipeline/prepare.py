@@ -114,11 +114,11 @@ def run(cfg: DictConfig) -> PreparedMeta:
     # fetch drops repeated galaxies; a catalog made or edited by hand may still hold some.
     catalog, duplicates = drop_duplicate_galaxies(catalog, raw)
     images, kept, skipped, *_ = load_images([raw / f for f in catalog["file"]], cfg.prepare,
-                                        catalog["objid"].tolist(),
-                                        max_pixels=int(cfg.data.max_image_pixels),
-                                        workers=os.cpu_count() or 1,
-                                        radii=catalog_radii(catalog, cfg.prepare,
-                                                            str(raw / CATALOG_NAME)))
+                                            catalog["objid"].tolist(),
+                                            max_pixels=int(cfg.data.max_image_pixels),
+                                            workers=os.cpu_count() or 1,
+                                            radii=catalog_radii(catalog, cfg.prepare,
+                                                                str(raw / CATALOG_NAME)))
     if skipped:
         log.warning("skipped %d cutout(s) (unreadable, or no size to measure); see "
                     "skipped.csv. First: %s", len(skipped), skipped[0]["reason"])

@@ -89,11 +89,17 @@ def crop_and_resize(images: np.ndarray, center_crop: float, size: int) -> np.nda
     return np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float32)
 
 
+def framing_of(prep: DictConfig) -> str:
+    """The framing a ``prepare`` config asks for; models trained before framing was a setting
+    used the fixed crop."""
+    return str(prep.get("framing", FIXED))
+
+
 def catalog_radii(table: pd.DataFrame, prep: DictConfig, where: str) -> np.ndarray | None:
     """Each row's galaxy radius in pixels of its cutout, from the column ``prep.radius_column``
     names (``prepare.framing = catalog_radius``); None for the other framings. Cells that are
     not numbers come back as NaN: those galaxies are handled as unmeasurable."""
-    if str(prep.get("framing", FIXED)) != CATALOG_RADIUS:
+    if framing_of(prep) != CATALOG_RADIUS:
         return None
     column = str(prep.radius_column)
     if column not in table.columns:
@@ -134,8 +140,7 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
     galaxies' radii in pixels (:func:`catalog_radii`), for ``prepare.framing = catalog_radius``.
     """
     size, crop = int(prep.image_size), float(prep.center_crop)
-    # Models trained before framing was a setting used the fixed crop.
-    framing = str(prep.get("framing", FIXED))
+    framing = framing_of(prep)
     fraction = float(prep.get("galaxy_radius_fraction", 1.0))
     fallback = str(prep.get("unmeasured", "skip"))
     if framing == CATALOG_RADIUS and (radii is None or len(radii) != len(paths)):

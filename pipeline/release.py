@@ -93,9 +93,9 @@ def release_table() -> str:
     return "\n".join([*lines, "", f"model cards: {RELEASED}/<release>/model_card.html"])
 
 
-def without_cutouts(html: str) -> str:
+def without_cutouts(page: str) -> str:
     """A card's HTML with each embedded figure of galaxy cutouts replaced by a short note."""
-    return re.sub(rf"<img[^>]*{re.escape(CUTOUT_MARK)}[^>]*>", CUTOUT_NOTE, html)
+    return re.sub(rf"<img[^>]*{re.escape(CUTOUT_MARK)}[^>]*>", CUTOUT_NOTE, page)
 
 
 def make_release(model_dir: Path, cards: Path, name: str, version: int,

@@ -40,12 +40,15 @@ def test_an_installed_wheel_predicts_from_a_folder_outside_the_checkout(trained_
         cwd=outside, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert where == [str(target / "pipeline" / "config.py"), str(target / "pipeline" / "conf")]
 
-    result = subprocess.run(
-        [str(python), "-m", "pipeline.predict", f"model_dir={Path(cfg.paths.models) / 'cnn'}",
-         f"input={Path(cfg.paths.raw) / 'images'}", "output=predictions.csv",
-         "mc_dropout_samples=0"], cwd=outside, env=env, capture_output=True, text=True,
-        timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    def predict_installed(model: str, output: str) -> None:
+        result = subprocess.run(
+            [str(python), "-m", "pipeline.predict", model,
+             f"input={Path(cfg.paths.raw) / 'images'}", f"output={output}",
+             "mc_dropout_samples=0"], cwd=outside, env=env, capture_output=True, text=True,
+            timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    predict_installed(f"model_dir={Path(cfg.paths.models) / 'cnn'}", "predictions.csv")
     predictions = pd.read_csv(outside / "predictions.csv")
     assert len(predictions) == 24
     np.testing.assert_allclose(predictions.filter(like="p_").sum(axis=1), 1.0, atol=1e-5)
@@ -54,12 +57,7 @@ def test_an_installed_wheel_predicts_from_a_folder_outside_the_checkout(trained_
     from pipeline.release import available
 
     if "gz1-cnn-v2" in available():
-        result = subprocess.run(
-            [str(python), "-m", "pipeline.predict", "model=gz1-cnn-v2",
-             f"input={Path(cfg.paths.raw) / 'images'}", "output=released.fits",
-             "mc_dropout_samples=0"], cwd=outside, env=env, capture_output=True, text=True,
-            timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
+        predict_installed("model=gz1-cnn-v2", "released.fits")
         from astropy.table import Table
 
         table = Table.read(outside / "released.fits")
