@@ -708,7 +708,8 @@ def stage_main(run: Callable[[DictConfig], Any], objective: str | None = None,
     """Wrap a stage's ``run(cfg)`` as a Hydra entry point that validates first.
 
     Problems the user can fix end the process with one clear line and status 2 instead of a
-    traceback (:func:`user_errors`), composition errors included.
+    traceback (:func:`user_errors`), composition errors included; in a multirun they end only
+    that job, and the sweep goes on (:func:`pipeline.sweep.record_failed_job`).
     ``objective`` names the key of the result returned to Hydra, which sweepers such as Optuna
     minimise.
     """
@@ -719,8 +720,16 @@ def stage_main(run: Callable[[DictConfig], Any], objective: str | None = None,
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
     @functools.wraps(run)
     def entry(cfg: DictConfig) -> Any:
+        from pipeline.sweep import record_failed_job
+
         with user_errors():
-            result = run(check(cfg))
+            try:
+                result = run(check(cfg))
+            except PipelineError as err:
+                if not record_failed_job(err):  # not a multirun: the error ends the process
+                    raise
+                # A sweep goes on; the worst objective keeps Optuna away from what failed.
+                return math.inf if objective is not None else None
         if objective is None:
             return None
         return result[objective] if isinstance(result, dict) else getattr(result, objective)

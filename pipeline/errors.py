@@ -23,6 +23,11 @@ class ConfigError(PipelineError, ValueError):
     """A config value that cannot work; the message names the key and what is valid."""
 
 
+class TrainingDiverged(PipelineError):
+    """A training whose loss went NaN or infinite: an error for one run, a losing trial in a
+    sweep (which goes on to the next)."""
+
+
 def require(ok: bool, key: str, value: Any, valid: str) -> None:
     """Raise :class:`ConfigError` naming ``key``, ``value`` and what would be ``valid``."""
     if not ok:

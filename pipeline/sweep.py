@@ -5,11 +5,16 @@ trainings on the same prepared data (it is read, not recomputed). Each run's mod
 config land in ``<sweep dir>/<job number>/models/<name>/``. When the sweep ends,
 :class:`SweepSummary` writes ``sweep_summary.csv``, ``sweep_summary.md`` and
 ``sweep_summary.png`` into the sweep folder, ranking the runs by a validation metric.
+
+A job that stops on a user error ends only itself: the sweep goes on, the summary lists the job
+with its error, and the command ends with status 2. A training that diverged is a losing trial,
+not an error: it is listed last and the sweep's status stays 0.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +23,32 @@ import yaml
 from omegaconf import DictConfig, open_dict
 
 from pipeline.artifacts import HISTORY_NAME, SUMMARY_NAME, TrainSummary
+from pipeline.errors import PipelineError, TrainingDiverged
+from pipeline.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
+FAILED_NAME = "failed.json"  # in a job's folder: why it ended without a model
+SUMMARY_COLUMNS = ["job", "overrides", "model", "best_val_loss", "best_val_accuracy",
+                   "best_epoch", "epochs", "wall_time_s", "pretrained", "status"]
 
-def redirect_outputs_in_multirun(cfg: DictConfig) -> DictConfig:
-    """Under ``-m``, send models, reports and training state to the job's own folder."""
+
+def _multirun_job() -> Any:
+    """Hydra's config of the running multirun job, or None outside a multirun."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hydra_cfg = HydraConfig.get()
     except (ImportError, ValueError):  # not run through Hydra (tests, notebooks)
-        return cfg
-    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return hydra_cfg if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def redirect_outputs_in_multirun(cfg: DictConfig) -> DictConfig:
+    """Under ``-m``, send models, reports and training state to the job's own folder."""
+    hydra_cfg = _multirun_job()
+    if hydra_cfg is None:
         return cfg
     job_dir = Path(hydra_cfg.runtime.output_dir)
     with open_dict(cfg):
@@ -42,14 +59,33 @@ def redirect_outputs_in_multirun(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def record_failed_job(err: PipelineError) -> bool:
+    """In a multirun, log a job's error as one line and record it in the job's folder, so that
+    the sweep goes on to its other jobs and the summary lists this one; False outside a
+    multirun, where the error ends the process."""
+    hydra_cfg = _multirun_job()
+    if hydra_cfg is None:
+        return False
+    diverged = isinstance(err, TrainingDiverged)
+    log.error("multirun job %s %s: %s", hydra_cfg.job.num,
+              "diverged" if diverged else "failed", err)
+    atomic_write_json(Path(hydra_cfg.runtime.output_dir) / FAILED_NAME,
+                      {"error": str(err), "diverged": diverged})
+    return True
+
+
+def _overrides(job_dir: Path) -> list[str]:
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    return yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+
+
 def collect(sweep_dir: Path) -> pd.DataFrame:
-    """One row per finished run: its overrides and its training summary."""
+    """One row per run: its overrides and its training summary, or why it has none."""
     rows = []
     for summary_path in sorted(sweep_dir.glob(f"*/models/*/{SUMMARY_NAME}")):
         job_dir = summary_path.parents[2]
         summary = TrainSummary.load(summary_path.parent)
-        overrides_file = job_dir / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        overrides = _overrides(job_dir)
         history = pd.read_csv(summary_path.parent / HISTORY_NAME)
         best = history.loc[history["epoch"] == summary.best_epoch].iloc[0]
         rows.append({
@@ -62,8 +98,17 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
             "epochs": summary.epochs,
             "wall_time_s": summary.wall_time_s,
             "pretrained": summary.pretrained,
+            "status": "ok",
         })
-    return pd.DataFrame(rows)
+    for failed_path in sorted(sweep_dir.glob(f"*/{FAILED_NAME}")):
+        job_dir = failed_path.parent
+        failure = read_json(failed_path, "train")
+        overrides = _overrides(job_dir)
+        model = dict(o.split("=", 1) for o in overrides if "=" in o).get("model", "")
+        status = "diverged" if failure["diverged"] else "failed"
+        rows.append({"job": job_dir.name, "overrides": " ".join(overrides), "model": model,
+                     "status": f"{status}: {failure['error']}"})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
 def write_summary(sweep_dir: Path, metric: str = "best_val_loss") -> pd.DataFrame:
@@ -85,26 +130,32 @@ def write_summary(sweep_dir: Path, metric: str = "best_val_loss") -> pd.DataFram
     table.insert(1, "overrides", [" ".join(f"{k}={p.get(k)}" for k in varied) or "(none)"
                                   for p in parsed])
     ascending = "loss" in metric
-    table = table.sort_values(metric, ascending=ascending).reset_index(drop=True)
-    table.insert(0, "rank", range(1, len(table) + 1))
+    table = table.sort_values(metric, ascending=ascending).reset_index(drop=True)  # failed last
+    finished = table["status"] == "ok"
+    table.insert(0, "rank", pd.array([i + 1 if ok else None for i, ok in enumerate(finished)],
+                                     dtype="Int64"))
     table.to_csv(sweep_dir / "sweep_summary.csv", index=False)
     header = "| " + " | ".join(table.columns) + " |"
     lines = [f"# Sweep summary: runs ranked by {metric}", "", header,
              "|" + "---|" * len(table.columns)]
     for row in table.itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v)
-                                       for v in row) + " |")
+        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) and pd.notna(v)
+                                       else "" if pd.isna(v) else str(v) for v in row) + " |")
     (sweep_dir / "sweep_summary.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(table) + 1.5))
-    ax.barh(table["overrides"].str.replace(" ", "\n"), table[metric])
+    ranked = table[finished]
+    if ranked.empty:
+        log.warning("no run of the sweep under %s finished; sweep_summary.md says why", sweep_dir)
+        return table
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(ranked) + 1.5))
+    ax.barh(ranked["overrides"].str.replace(" ", "\n"), ranked[metric])
     ax.invert_yaxis()
     ax.set_xlabel(metric)
-    ax.set_title(f"{len(table)} runs ranked by {metric}")
+    ax.set_title(f"{len(ranked)} runs ranked by {metric}")
     fig.tight_layout()
     fig.savefig(sweep_dir / "sweep_summary.png", dpi=100)
     plt.close(fig)
-    log.info("sweep summary of %d runs in %s; best: %s (%s = %.4f)", len(table), sweep_dir,
-             table["overrides"].iloc[0], metric, table[metric].iloc[0])
+    log.info("sweep summary of %d runs in %s; best: %s (%s = %.4f)", len(ranked), sweep_dir,
+             ranked["overrides"].iloc[0], metric, ranked[metric].iloc[0])
     return table
 
 
@@ -121,4 +172,19 @@ class SweepSummary(Callback):  # type: ignore[misc]
         self.metric = metric
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        write_summary(Path(config.hydra.sweep.dir), self.metric)
+        """Write the summary; then, if jobs failed (not merely diverged), end with status 2."""
+        sweep_dir = Path(config.hydra.sweep.dir)
+        table = write_summary(sweep_dir, self.metric)
+        if table.empty:
+            return
+        diverged = table["status"].str.startswith("diverged")
+        failed = table[table["status"].str.startswith("failed")]
+        if diverged.any():
+            log.warning("%d of %d sweep runs diverged (ranked last in %s): %s", diverged.sum(),
+                        len(table), sweep_dir / "sweep_summary.md",
+                        ", ".join(table.loc[diverged, "overrides"]))
+        if not failed.empty:
+            log.error("%d of %d sweep runs failed (see %s); first, run %s: %s", len(failed),
+                      len(table), sweep_dir / "sweep_summary.md", failed["job"].iloc[0],
+                      failed["status"].iloc[0].removeprefix("failed: "))
+            sys.exit(2)

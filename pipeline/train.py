@@ -38,7 +38,7 @@ from pipeline.artifacts import (
     save_config,
 )
 from pipeline.config import model_train_config, schedule_description, stage_main
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, TrainingDiverged
 from pipeline.io import OutputError, atomic_path, check_replaceable, refuse_overlap
 from pipeline.models import BuiltModel, build_model, set_trainable_from
 from pipeline.models.transfer import backbone_weights
@@ -382,7 +382,7 @@ def check_learned(best_val_loss: float, n_classes: int, learning_rate: float, na
     hint = (f"lower train.learning_rate (it is {learning_rate:g}), or check that the prepared "
             "images vary and their labels are right")
     if not np.isfinite(best_val_loss):
-        raise PipelineError(f"training {name} diverged: the validation loss was NaN or infinite "
+        raise TrainingDiverged(f"training {name} diverged: the validation loss was NaN or infinite "
                             f"at every epoch that could be kept, so nothing was saved; {hint}")
     if best_val_loss >= guess:
         log.warning("training %s learned nothing: its best validation loss %.4g is no better "

@@ -144,15 +144,15 @@ def test_best_epoch_skips_each_phases_first_min_epochs():
 def test_a_diverged_training_is_one_line_and_saves_nothing():
     import numpy as np
 
-    from pipeline.errors import PipelineError
+    from pipeline.errors import TrainingDiverged
 
     history = pd.DataFrame({"epoch": [1, 2, 3], "val_loss": [np.nan] * 3})
     best = train.best_epoch_row(history, [{"last_epoch": 3, "epochs_run": 3}], 0)
     assert best["epoch"] == 3
-    with pytest.raises(PipelineError, match=r"^training cnn diverged: the validation loss was "
-                                            r"NaN or infinite at every epoch that could be kept, "
-                                            r"so nothing was saved; lower train.learning_rate "
-                                            r"\(it is 0.5\)"):
+    with pytest.raises(TrainingDiverged, match=r"^training cnn diverged: the validation loss "
+                                               r"was NaN or infinite at every epoch that could be "
+                                               r"kept, so nothing was saved; lower "
+                                               r"train.learning_rate \(it is 0.5\)"):
         train.check_learned(float(best["val_loss"]), 3, 0.5, "cnn")
 
 
