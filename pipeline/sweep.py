@@ -79,6 +79,11 @@ def _overrides(job_dir: Path) -> list[str]:
     return yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
 
 
+def _as_dict(overrides: list[str]) -> dict[str, str]:
+    """``["model=cnn", ...]`` as ``{"model": "cnn", ...}``."""
+    return dict(o.split("=", 1) for o in overrides if "=" in o)
+
+
 def collect(sweep_dir: Path) -> pd.DataFrame:
     """One row per run: its overrides and its training summary, or why it has none."""
     rows = []
@@ -104,7 +109,7 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
         job_dir = failed_path.parent
         failure = read_json(failed_path, "train")
         overrides = _overrides(job_dir)
-        model = dict(o.split("=", 1) for o in overrides if "=" in o).get("model", "")
+        model = _as_dict(overrides).get("model", "")
         status = "diverged" if failure["diverged"] else "failed"
         rows.append({"job": job_dir.name, "overrides": " ".join(overrides), "model": model,
                      "status": f"{status}: {failure['error']}"})
@@ -123,8 +128,7 @@ def write_summary(sweep_dir: Path, metric: str = "best_val_loss") -> pd.DataFram
         log.warning("no finished runs under %s; no sweep summary written", sweep_dir)
         return table
     # Name each run by what the sweep varied; the overrides common to all runs add nothing.
-    parsed = [dict(o.split("=", 1) for o in row.split() if "=" in o)
-              for row in table["overrides"]]
+    parsed = [_as_dict(row.split()) for row in table["overrides"]]
     varied = sorted({k for p in parsed for k in p if len({q.get(k) for q in parsed}) > 1})
     table = table.rename(columns={"overrides": "all_overrides"})
     table.insert(1, "overrides", [" ".join(f"{k}={p.get(k)}" for k in varied) or "(none)"
@@ -139,8 +143,8 @@ def write_summary(sweep_dir: Path, metric: str = "best_val_loss") -> pd.DataFram
     lines = [f"# Sweep summary: runs ranked by {metric}", "", header,
              "|" + "---|" * len(table.columns)]
     for row in table.itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) and pd.notna(v)
-                                       else "" if pd.isna(v) else str(v) for v in row) + " |")
+        lines.append("| " + " | ".join("" if pd.isna(v) else f"{v:.4f}" if isinstance(v, float)
+                                       else str(v) for v in row) + " |")
     (sweep_dir / "sweep_summary.md").write_text("\n".join(lines) + "\n")
     ranked = table[finished]
     if ranked.empty:

@@ -382,8 +382,9 @@ def check_learned(best_val_loss: float, n_classes: int, learning_rate: float, na
     hint = (f"lower train.learning_rate (it is {learning_rate:g}), or check that the prepared "
             "images vary and their labels are right")
     if not np.isfinite(best_val_loss):
-        raise TrainingDiverged(f"training {name} diverged: the validation loss was NaN or infinite "
-                            f"at every epoch that could be kept, so nothing was saved; {hint}")
+        raise TrainingDiverged(f"training {name} diverged: the validation loss was NaN or "
+                               f"infinite at every epoch that could be kept, so nothing was "
+                               f"saved; {hint}")
     if best_val_loss >= guess:
         log.warning("training %s learned nothing: its best validation loss %.4g is no better "
                     "than a uniform guess over %d classes (log %d = %.3f); %s", name,
