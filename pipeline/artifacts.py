@@ -176,6 +176,8 @@ class PreparedMeta(Record):
     n_duplicates_dropped: int = 0
     framing: str = "fixed"
     galaxy_radius_fraction: float | None = None
+    # Training cutouts per kind (io.FLUX: FITS, asinh-stretched; io.DISPLAY: JPEG/PNG).
+    train_image_kinds: dict[str, int] | None = None
 
     @property
     def scheme(self) -> LabelScheme:
@@ -224,6 +226,9 @@ class TrainSummary(Record):
     train_loss_at_best: float
     wall_time_s: float
     resumed: bool = False
+    # Training cutouts per kind (io.FLUX, io.DISPLAY), from prepare; None: not recorded.
+    # predict warns when it is given a kind the model never saw.
+    train_image_kinds: dict[str, int] | None = None
 
 
 @dataclass

@@ -53,8 +53,11 @@ from pipeline.errors import PipelineError
 from pipeline.inference import TTA_MODES
 from pipeline.io import (
     DEFAULT_MAX_PIXELS,
+    DISPLAY,
     DISPLAY_SUFFIXES,
     FITS_SUFFIXES,
+    FLUX,
+    KIND_WORDS,
     OutputError,
     atomic_path,
     atomic_write_text,
@@ -344,12 +347,15 @@ def run_chunks(trained: TrainedModel, inputs: Inputs, todo: list[int], chunk_siz
     with ThreadPoolExecutor(1) as reader, tqdm(total=total, desc="classify", unit="img") as bar:
         pending = reader.submit(decode, todo[0]) if todo else None
         grey: list[int] = []
+        by_kind: dict[str, list[int]] = {FLUX: [], DISPLAY: []}
         for i, chunk in enumerate(todo):
             rows, loaded = pending.result()
             if i + 1 < len(todo):
                 pending = reader.submit(decode, todo[i + 1])
             parts.save(chunk, classify_chunk(trained, chunk, rows, loaded, s))
             grey.extend(rows[loaded.one_band & loaded.kept])
+            by_kind[FLUX].extend(rows[loaded.flux & loaded.kept])
+            by_kind[DISPLAY].extend(rows[~loaded.flux & loaded.kept])
             bar.update(len(rows))
     if grey:
         # Colour separates red ellipticals from blue discs; a grey cutout hides it.
@@ -357,6 +363,25 @@ def run_chunks(trained: TrainedModel, inputs: Inputs, todo: list[int], chunk_siz
                     "ones; first: %s): a model trained on colour cutouts, as the gz1 releases "
                     "were, loses what colour told it (README, 'Classifying a survey')",
                     len(grey), total, inputs.paths[grey[0]])
+    warn_unseen_kinds(trained, by_kind, total, inputs.paths)
+
+
+def warn_unseen_kinds(trained: TrainedModel, by_kind: dict[str, list[int]], total: int,
+                      paths: list[Path]) -> None:
+    """Say so when cutouts are of a kind the model was never trained on: a FITS cutout given
+    to a model trained on JPEGs is normalised in a way the model never saw (or the reverse),
+    and nothing else would tell the user."""
+    trained_on = trained.summary.train_image_kinds
+    if not trained_on:
+        return  # a bundle from before this was recorded
+    seen = " and ".join(f"{KIND_WORDS[k]} ({n:,} training cutouts)" for k, n in trained_on.items())
+    for kind, rows in by_kind.items():
+        if rows and kind not in trained_on:
+            log.warning("%d of the %d cutouts classified here are %s (first: %s), but %s was "
+                        "trained on %s only: its card's figures do not hold for them; give it "
+                        "cutouts of the kind it was trained on (README, 'Classifying a "
+                        "survey')", len(rows), total, KIND_WORDS[kind], paths[rows[0]],
+                        trained.folder, seen)
 
 
 # --------------------------------------------------------------------------- the table

@@ -37,7 +37,7 @@ from pipeline.config import stage_main
 from pipeline.errors import MissingInputError, PipelineError
 from pipeline.io import atomic_path, check_replaceable, ensure_free_space, save_arrays
 from pipeline.labels import LabelScheme
-from pipeline.preprocess import catalog_radii, load_images
+from pipeline.preprocess import catalog_radii, kind_counts, load_images
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,11 @@ def run(cfg: DictConfig) -> PreparedMeta:
     catalog = read_catalog(raw, scheme)
     # fetch drops repeated galaxies; a catalog made or edited by hand may still hold some.
     catalog, duplicates = drop_duplicate_galaxies(catalog, raw)
-    images, kept, skipped, *_ = load_images([raw / f for f in catalog["file"]], cfg.prepare,
-                                            catalog["objid"].tolist(),
-                                            max_pixels=int(cfg.data.max_image_pixels),
-                                            workers=os.cpu_count() or 1,
-                                            radii=catalog_radii(catalog, cfg.prepare,
-                                                                str(raw / CATALOG_NAME)))
+    loaded = load_images([raw / f for f in catalog["file"]], cfg.prepare,
+                         catalog["objid"].tolist(), max_pixels=int(cfg.data.max_image_pixels),
+                         workers=os.cpu_count() or 1,
+                         radii=catalog_radii(catalog, cfg.prepare, str(raw / CATALOG_NAME)))
+    images, kept, skipped = loaded.images, loaded.kept, loaded.skipped
     if skipped:
         log.warning("skipped %d cutout(s) (unreadable, or no size to measure); see "
                     "skipped.csv. First: %s", len(skipped), skipped[0]["reason"])
@@ -139,6 +138,7 @@ def run(cfg: DictConfig) -> PreparedMeta:
     split = {name: position[idx[kept[idx]]]
              for name, idx in stratified_split(labels, split_cfg, scheme.classes).items()}
     catalog, images, labels = catalog[kept].reset_index(drop=True), images[kept], labels[kept]
+    train_kinds = kind_counts(loaded.flux[kept][split["train"]])
     n_copies = int(cfg.augment.copies) if cfg.augment.mode == "stored" else 0
     # float16 images, plus the augmented copies of the training split
     ensure_free_space(prepared.parent, images[:1].nbytes // 2 * (len(images) + n_copies * len(
@@ -186,6 +186,7 @@ def run(cfg: DictConfig) -> PreparedMeta:
             framing=str(cfg.prepare.framing),
             galaxy_radius_fraction=(float(cfg.prepare.galaxy_radius_fraction)
                                     if cfg.prepare.framing != "fixed" else None),
+            train_image_kinds=train_kinds,
         )
         meta.save(tmp)
     prepared.with_name(f"{prepared.name}-{SKIPPED_NAME}").unlink(missing_ok=True)  # stale now

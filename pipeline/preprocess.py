@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline.catalog import CatalogError
 from pipeline.framing import UnmeasuredError, border_pixels, frame_galaxy
-from pipeline.io import DEFAULT_MAX_PIXELS, FLUX, ImageError, read_image
+from pipeline.io import DEFAULT_MAX_PIXELS, DISPLAY, FLUX, ImageError, read_image
 
 FIXED, GALAXY_SIZE, CATALOG_RADIUS = "fixed", "galaxy_size", "catalog_radius"
 log = logging.getLogger(__name__)
@@ -121,6 +121,21 @@ class Loaded(NamedTuple):
     skipped: list[dict]  # objid, file and reason for each one that could not
     radius_px: np.ndarray  # the radius framing used, in the cutout's pixels; NaN: fixed crop
     one_band: np.ndarray  # grey cutouts (three identical bands): no colour for the model
+    flux: np.ndarray  # read as flux (FITS, float TIFF) and asinh-stretched; else display
+
+    def kinds(self) -> dict[str, int]:
+        """How many of the readable cutouts were of each kind."""
+        return kind_counts(self.flux[self.kept])
+
+
+def kind_counts(flux: np.ndarray) -> dict[str, int]:
+    """Cutouts per kind (io.FLUX, io.DISPLAY) from a flux mask; kinds with none left out.
+
+    A model trained on one kind has never seen the other's normalisation: the model records
+    what it was trained on, and predict compares its input with that."""
+    n_flux = int(np.count_nonzero(flux))
+    counts = {FLUX: n_flux, DISPLAY: len(flux) - n_flux}
+    return {k: n for k, n in counts.items() if n}
 
 
 def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = None,
@@ -150,6 +165,7 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
     kept = np.zeros(len(paths), dtype=bool)
     radius_px = np.full(len(paths), np.nan)
     one_band = np.zeros(len(paths), dtype=bool)
+    flux = np.zeros(len(paths), dtype=bool)
     skipped: list[dict] = []
     pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
     centre_cropped: list[str] = []  # galaxy_size could not measure these; fixed crop instead
@@ -178,6 +194,7 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
         if transform is not None:
             image = transform(image)
         one_band[i] = bool((image[..., 1:] == image[..., :1]).all())
+        flux[i] = kind == FLUX
         if framing not in (GALAXY_SIZE, CATALOG_RADIUS):
             return image, kind, crop
         try:
@@ -212,4 +229,4 @@ def load_images(paths: list[Path], prep: DictConfig, ids: list[str] | None = Non
         log.warning("%d cutout(s) had no measurable galaxy size and got the fixed centre crop "
                     "(prepare.unmeasured = fixed); first: %s", len(centre_cropped),
                     centre_cropped[0])
-    return Loaded(out, kept, skipped, radius_px, one_band)
+    return Loaded(out, kept, skipped, radius_px, one_band, flux)

@@ -41,7 +41,7 @@ from pipeline.artifacts import (
 from pipeline.calibration import temperature_bound
 from pipeline.config import model_train_config, schedule_description, stage_main
 from pipeline.errors import MissingInputError
-from pipeline.io import atomic_path, atomic_write_json, require_file
+from pipeline.io import KIND_WORDS, atomic_path, atomic_write_json, require_file
 from pipeline.metrics import BOOTSTRAP_N, bootstrap_intervals
 from pipeline.models import registry as model_kinds
 from pipeline.sources import get_source
@@ -157,6 +157,13 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: PreparedMe
     if metrics["n_test"] < 500:
         caveats.append(f"The test split is small ({metrics['n_test']} galaxies): the 95% "
                        "intervals above show how uncertain each figure is.")
+    kinds = summary.train_image_kinds or {}
+    if len(kinds) == 1:
+        (kind,) = kinds
+        unseen = next(k for k in KIND_WORDS if k != kind)
+        caveats.append(f"Input kind: trained on {KIND_WORDS[kind]}; it never saw "
+                       f"{KIND_WORDS[unseen]}, so this card's figures do not hold for those "
+                       "(`predict` warns when it is given them).")
     framing = framing_description(trained_cfg.prepare)
     stress = metrics.get("framing_stress") or {}
     if stress:
@@ -192,6 +199,7 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: PreparedMe
         "pretrained": summary.pretrained,
         "phases": [dataclasses.asdict(p) for p in summary.phases],
         "train_images": summary.train_images,
+        "train_image_kinds": summary.train_image_kinds,
         "class_balance": CLASS_BALANCE_WORDS[trained_with.class_weight],
         "patience": trained_with.early_stopping_patience,
         "schedule": schedule_description(trained_with),
@@ -307,7 +315,8 @@ def card_as_json(m: dict, common: dict) -> dict:
                             "split_seed": data["split_seed"], "augmented": False},
         "training_data": {"source": data["source"], "description": data["source_description"],
                           "splits": data["splits"], "augmentation": data["augment_description"],
-                          "train_images_with_copies": m["train_images"]},
+                          "train_images_with_copies": m["train_images"],
+                          "cutouts_per_kind": m["train_image_kinds"]},
         "quantitative_analyses": {
             "confusion_matrix": m["metrics"]["confusion_matrix"],
             "best_epoch": m["metrics"]["best_epoch"], "epochs_run": m["metrics"]["epochs_run"],

@@ -608,6 +608,7 @@ def fit(cfg: DictConfig, name: str, meta: PreparedMeta, state: Path) -> Fitted:
         train_loss_at_best=float(best["loss"]),
         wall_time_s=round(wall, 1),
         resumed=resumed,
+        train_image_kinds=meta.train_image_kinds,
     )
     return Fitted(built, history, summary)
 

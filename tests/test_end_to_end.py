@@ -71,6 +71,10 @@ def test_tiny_pipeline_trains_evaluates_and_reports_both_models(trained_tiny):
                     "caveats_and_recommendations", "environment"):
         assert card[section], section
     assert card["model_details"]["pretrained"] is False
+    # Trained on the mock's FITS: the card says JPEGs were never seen.
+    assert card["training_data"]["cutouts_per_kind"] == {"flux": meta_train_galaxies(cfg)}
+    assert ("Input kind: trained on flux images (FITS or float TIFF), given an asinh stretch; "
+            "it never saw display images (JPEG, PNG or integer TIFF") in transfer_card
     assert set(card["metrics"]["confidence_intervals_95"]) == {
         "accuracy", "balanced_accuracy", "macro_f1"}
     assert 0 <= card["metrics"]["test"]["ece"] <= 1
@@ -103,3 +107,8 @@ def test_stage_cli_reports_bad_data_in_one_line(tmp_path):
     assert "catalog.csv: missing column(s) ['label']; a catalog needs" in out
     assert "Traceback" not in out
     assert not (tmp_path / "prepared").exists()
+
+
+def meta_train_galaxies(cfg) -> int:
+    meta = json.loads((Path(cfg.paths.prepared) / "meta.json").read_text())
+    return meta["splits"]["train"]["galaxies"]

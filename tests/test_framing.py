@@ -117,13 +117,13 @@ def test_a_cutout_with_no_galaxy_at_its_centre_is_skipped_or_centre_cropped_as_c
     paths = write_pngs(tmp_path, {"galaxy": disc(6.0, side=96), "blank": sky})
     with pytest.raises(UnmeasuredError, match="no source 3 sky sigmas above the sky"):
         half_light_radius(np.clip(sky, 0, 255).round(), display=True)
-    _, kept, skipped, radius, _ = load_images(paths, prep(), progress=False)
+    _, kept, skipped, radius, *_ = load_images(paths, prep(), progress=False)
     assert kept.tolist() == [True, False]
     assert str(paths[1]) in skipped[0]["reason"]
     assert "prepare.unmeasured = fixed" in skipped[0]["reason"]
     assert radius[0] == pytest.approx(6.0, rel=0.15) and np.isnan(radius[1])
     with caplog.at_level("WARNING", logger="pipeline.preprocess"):
-        _, kept, skipped, radius, _ = load_images(paths, prep(unmeasured="fixed"), progress=False)
+        _, kept, skipped, radius, *_ = load_images(paths, prep(unmeasured="fixed"), progress=False)
     assert kept.all() and not skipped
     # The centre-cropped one says so: no radius.
     assert radius[0] == pytest.approx(6.0, rel=0.15) and np.isnan(radius[1])
@@ -239,7 +239,7 @@ def test_a_galaxy_without_a_catalog_radius_is_skipped_or_centre_cropped_and_a_mi
     paths = write_pngs(tmp_path, {"a": disc(6.0, side=96), "b": disc(6.0, side=96)})
     framing = prep(framing="catalog_radius", radius_column="petroR90_r", radius_unit="pixels")
     radii = catalog_radii(pd.DataFrame({"petroR90_r": [6.0, "-"]}), framing, "my.csv")
-    _, kept, skipped, radius, _ = load_images(paths, framing, progress=False, radii=radii)
+    _, kept, skipped, radius, *_ = load_images(paths, framing, progress=False, radii=radii)
     assert kept.tolist() == [True, False]
     assert radius[0] == 6.0 and np.isnan(radius[1])
     assert skipped[0]["reason"] == (

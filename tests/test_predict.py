@@ -347,3 +347,33 @@ def test_the_table_says_how_each_galaxy_was_framed_and_the_log_names_grey_cutout
     assert one["image"].tolist() == [str(folder / "g1.fits")]
     np.testing.assert_allclose(one.filter(like="p_").to_numpy()[0],
                                [rows["g1"][c] for c in one.filter(like="p_").columns], atol=1e-6)
+
+
+def test_cutouts_of_a_kind_the_model_never_saw_are_named_in_the_log(tmp_path, caplog):
+    """The gz1 releases were trained on SkyServer JPEGs: a FITS cutout gets prepare's asinh
+    stretch, which they never saw. The table cannot show that, so the log must; JPEGs and
+    PNGs, the kind they know, pass without a word."""
+    from astropy.io import fits
+    from PIL import Image
+
+    from pipeline.release import available
+    from tests.test_release import mock_cutouts
+
+    if "gz1-cnn-v2" not in available():
+        pytest.skip("this checkout carries no released gz1-cnn-v2")
+    folder = mock_cutouts(tmp_path / "in", n=2)
+    flux = np.moveaxis(fits.getdata(folder / "g1.fits").astype(np.float32), 0, -1)
+    scaled = np.arcsinh((flux - np.median(flux)) / flux.std())
+    display = np.clip(255 * scaled / scaled.max(), 0, 255).astype(np.uint8)
+    Image.fromarray(display).save(folder / "g1_display.png")
+    with caplog.at_level("WARNING", logger="pipeline.predict"):
+        predict.run(predict_cfg(model="gz1-cnn-v2", input=str(folder),
+                                output=str(tmp_path / "p.csv"), mc_dropout_samples=0))
+    warnings = [r.getMessage() for r in caplog.records if "were trained on" in r.getMessage()
+                or "was trained on" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert warnings[0].startswith(
+        f"2 of the 3 cutouts classified here are flux images (FITS or float TIFF), given an "
+        f"asinh stretch (first: {folder / 'g0.fits'}), but ")
+    assert ("was trained on display images (JPEG, PNG or integer TIFF, stretched by whoever "
+            "made them), only rescaled (2,726 training cutouts) only") in warnings[0]

@@ -58,6 +58,8 @@ def test_prepared_splits_are_stratified_disjoint_and_only_train_is_augmented(pre
     assert set(train["objid"][train["augmented"]]) <= set(train["objid"][~train["augmented"]])
     assert not splits["val"]["augmented"].any() and not splits["test"]["augmented"].any()
     assert (root / "augmentations.png").stat().st_size > 5000
+    # The mock renders FITS: every training cutout is flux, which the model will record.
+    assert meta["train_image_kinds"] == {"flux": meta["splits"]["train"]["galaxies"]}
 
 
 def test_augment_none_adds_no_copies(tmp_path):
