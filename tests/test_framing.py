@@ -337,3 +337,25 @@ def test_the_card_says_which_catalog_column_a_model_is_framed_by():
     assert text == ("each galaxy cropped so that the radius in its catalog's column `petroR90_r` "
                     "(arcsec at 0.396 arcsec per pixel) spans 80% of the view's half-width "
                     "(`prepare.framing=catalog_radius`): new cutouts need that column too")
+
+
+def test_reading_on_several_threads_gives_what_one_thread_gives(tmp_path):
+    """prepare, predict and evaluate decode cutouts on several threads; which thread read
+    which file must not change a pixel, a skip, a radius or the kind recorded."""
+    from astropy.io import fits
+
+    paths = write_pngs(tmp_path, {f"d{k}": disc(5.0 + k, side=96, seed=k) for k in range(5)})
+    for k in range(3):  # flux cutouts, (3, H, W) cubes: given the asinh stretch
+        cube = np.moveaxis(disc(7.0 + k, side=96, seed=10 + k).astype(np.float32), -1, 0)
+        fits.PrimaryHDU(cube).writeto(tmp_path / f"f{k}.fits")
+        paths.append(tmp_path / f"f{k}.fits")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    paths.insert(3, tmp_path / "broken.png")
+    one, many = (load_images(paths, prep(), progress=False, workers=w) for w in (1, 3))
+    assert one.kept.sum() == 8 and [s["file"] for s in one.skipped] == [str(paths[3])]
+    np.testing.assert_array_equal(one.images[one.kept], many.images[one.kept])
+    np.testing.assert_array_equal(one.kept, many.kept)
+    np.testing.assert_array_equal(one.radius_px, many.radius_px)
+    np.testing.assert_array_equal(one.flux, many.flux)
+    assert one.skipped == many.skipped
+    assert one.kinds() == many.kinds() == {"flux": 3, "display": 5}
