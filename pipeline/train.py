@@ -469,9 +469,11 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
             metrics=["accuracy"],
             jit_compile=bool(t.jit_compile),
         )
+        # Quiet: its "best epoch" counts only gains above min_delta, while the checkpoint keeps
+        # the lowest val_loss; one log line below names the epoch that is kept.
         early_stopping = keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=t.early_stopping_patience,
-            min_delta=t.early_stopping_min_delta, restore_best_weights=True, verbose=1)
+            min_delta=t.early_stopping_min_delta, restore_best_weights=True, verbose=0)
         # A schedule sets the rate itself: ReduceLROnPlateau only goes with a fixed one.
         plateau = [keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=t.reduce_lr_factor, patience=t.reduce_lr_patience,
@@ -503,6 +505,11 @@ def fit_phases(built: BuiltModel, data: dict, cfg: DictConfig, state: Path,
                   shuffle=False)  # the tf.data pipeline reshuffles every epoch
         # Count what the CSV holds: right also when BackupAndRestore resumed mid-phase.
         epoch = epochs_logged(state)
+        if early_stopping.stopped_epoch > 0:
+            log.info("phase %s stopped early after epoch %d: validation loss gained less than "
+                     "%g (train.early_stopping_min_delta) over %d epoch(s)", phase.name,
+                     early_stopping.stopped_epoch + 1, t.early_stopping_min_delta,
+                     t.early_stopping_patience)
         record = {"phase": phase.name, "learning_rate": phase.learning_rate,
                   "epochs_run": epoch - phase_start, "last_epoch": epoch,
                   # None while no epoch has counted (a phase no longer than min_epochs)
@@ -643,8 +650,8 @@ def run(cfg: DictConfig, name: str | None = None) -> TrainSummary:
         save(fitted, cfg, out)
         shutil.rmtree(state, ignore_errors=True)
     summary = fitted.summary
-    log.info("saved %s: best epoch %d, val_loss %.4f, %.0f s", out / MODEL_NAME,
-             summary.best_epoch, summary.best_val_loss, summary.wall_time_s)
+    log.info("saved %s: the weights of epoch %d (lowest val_loss %.4f), trained in %.0f s",
+             out / MODEL_NAME, summary.best_epoch, summary.best_val_loss, summary.wall_time_s)
     return summary
 
 

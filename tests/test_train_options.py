@@ -400,3 +400,24 @@ def test_training_input_lets_glibc_reuse_freed_buffers(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "bare from_generator: False" in out.stdout, out.stdout
     assert "make_dataset: True" in out.stdout, out.stdout
+
+
+@pytest.mark.slow
+def test_the_log_names_one_kept_epoch_when_training_stops_early(prepared_tiny, tmp_path,
+                                                                 caplog, capfd):
+    """Keras's early stopping counts only gains above min_delta as its best epoch, while the
+    checkpoint keeps the lowest validation loss: two different "best epochs" in one log read
+    as a bug. The log says once which epoch's weights were saved, and why training stopped."""
+    cfg = tiny_config(tmp_path, f"paths.raw={prepared_tiny.paths.raw}",
+                      f"paths.prepared={prepared_tiny.paths.prepared}", "train.epochs=30",
+                      "train.early_stopping_patience=1", "train.early_stopping_min_delta=0.5")
+    with caplog.at_level("INFO", logger="pipeline.train"):
+        summary = train.run(cfg, "cnn")
+    history = pd.read_csv(Path(cfg.paths.models) / "cnn" / "history.csv")
+    assert len(history) < 30
+    assert (f"phase train stopped early after epoch {len(history)}: validation loss gained "
+            "less than 0.5 (train.early_stopping_min_delta) over 1 epoch(s)") in caplog.text
+    assert summary.best_epoch == history.loc[history["val_loss"].idxmin(), "epoch"]
+    assert (f"the weights of epoch {summary.best_epoch} (lowest val_loss "
+            f"{summary.best_val_loss:.4f})") in caplog.text
+    assert "Restoring model weights" not in capfd.readouterr().out
