@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 # stretched by whoever made them) are only rescaled. Readers say which kind they returned.
 FLUX = "flux"
 DISPLAY = "display"
-KIND_WORDS = {FLUX: "flux images (FITS or float TIFF), given an asinh stretch",
+KIND_WORDS = {FLUX: "flux images (FITS or float TIFF, given an asinh stretch)",
               DISPLAY: "display images (JPEG, PNG or integer TIFF, stretched by whoever made "
-                       "them), only rescaled"}
+                       "them, only rescaled)"}
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz")
 DISPLAY_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 # A cutout larger than this many pixels is refused before it is decoded: a 97 KB PNG can

@@ -374,14 +374,14 @@ def warn_unseen_kinds(trained: TrainedModel, by_kind: dict[str, list[int]], tota
     trained_on = trained.summary.train_image_kinds
     if not trained_on:
         return  # a bundle from before this was recorded
-    seen = " and ".join(f"{KIND_WORDS[k]} ({n:,} training cutouts)" for k, n in trained_on.items())
+    seen = " and ".join(f"{n:,} {KIND_WORDS[k]}" for k, n in trained_on.items())
     for kind, rows in by_kind.items():
         if rows and kind not in trained_on:
-            log.warning("%d of the %d cutouts classified here are %s (first: %s), but %s was "
-                        "trained on %s only: its card's figures do not hold for them; give it "
-                        "cutouts of the kind it was trained on (README, 'Classifying a "
-                        "survey')", len(rows), total, KIND_WORDS[kind], paths[rows[0]],
-                        trained.folder, seen)
+            log.warning("%d of the %d cutouts classified here are %s, a kind that %s never saw "
+                        "(first: %s): it was trained on %s. Its card's figures do not hold for "
+                        "them; give it cutouts of the kind it was trained on (README, "
+                        "'Classifying a survey')", len(rows), total, KIND_WORDS[kind],
+                        trained.folder, paths[rows[0]], seen)
 
 
 # --------------------------------------------------------------------------- the table

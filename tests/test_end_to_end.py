@@ -73,7 +73,7 @@ def test_tiny_pipeline_trains_evaluates_and_reports_both_models(trained_tiny):
     assert card["model_details"]["pretrained"] is False
     # Trained on the mock's FITS: the card says JPEGs were never seen.
     assert card["training_data"]["cutouts_per_kind"] == {"flux": meta_train_galaxies(cfg)}
-    assert ("Input kind: trained on flux images (FITS or float TIFF), given an asinh stretch; "
+    assert ("Input kind: trained on flux images (FITS or float TIFF, given an asinh stretch); "
             "it never saw display images (JPEG, PNG or integer TIFF") in transfer_card
     assert set(card["metrics"]["confidence_intervals_95"]) == {
         "accuracy", "balanced_accuracy", "macro_f1"}
