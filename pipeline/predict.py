@@ -316,6 +316,10 @@ def classify_chunk(trained: TrainedModel, chunk: int, rows: np.ndarray, loaded: 
             sets[kept] = trained.prediction_sets(proba[kept])
         result["prediction_set"] = np.where(kept, set_labels(sets, classes), "")
         result["set_size"] = sets.sum(axis=1)
+    if trained.summary.train_image_kinds:
+        # Beside TRAINKND in the header: a kind the model never saw was normalised in a way it
+        # was not trained on, and the table outlives the log that warned of it.
+        result["image_kind"] = np.where(kept, np.where(loaded.flux, FLUX, DISPLAY), "")
     framing = framing_of(trained.preprocessing)
     if framing != FIXED:
         # A galaxy whose size could not be measured was centre-cropped (prepare.unmeasured =
@@ -392,6 +396,9 @@ COLUMN_TEXT = {
                            "dropout passes"),
     "prediction_set": ("", "conformal prediction set: the classes it may be, '|'-separated"),
     "set_size": ("", "number of classes in the prediction set"),
+    "image_kind": ("", "the cutout's kind: display (JPEG, PNG, integer TIFF; rescaled) or flux "
+                       "(FITS, float TIFF; asinh-stretched); TRAINKND names those the model "
+                       "was trained on"),
     "framing": ("", "how the cutout was framed: the model's framing, or fixed (the centre crop) "
                     "where the galaxy's size could not be measured"),
     "radius_px": ("pix", "the galaxy's radius that framing scaled it by (half-light radius "
@@ -454,6 +461,7 @@ def provenance(trained: TrainedModel, s: Settings) -> dict:
             "TEMPERAT": trained.inference.temperature,
             "CONFLEV": trained.inference.conformal.level if trained.inference.conformal else 0,
             "FRAMING": framing_of(trained.preprocessing),
+            "TRAINKND": ",".join(trained.summary.train_image_kinds or {}) or "unknown",
             "PIPEVER": __version__, "DATE": dt.datetime.now(dt.timezone.utc).isoformat(
                 timespec="seconds")}
 

@@ -39,7 +39,8 @@ def test_predict_on_a_catalog_reproduces_evaluate(trained_tiny, tmp_path):
     # The catalog's own columns first, then what the model says.
     assert list(on_disk.columns) == [*catalog.columns, "path", "predicted", "p_elliptical",
                                      "p_spiral", "p_edge_on", "entropy", "mc_dropout_std",
-                                     "prediction_set", "set_size"]
+                                     "prediction_set", "set_size", "image_kind"]
+    assert set(on_disk["image_kind"]) == {"flux"}  # the mock's FITS, as the model was trained
     assert (on_disk["set_size"] == on_disk["prediction_set"].str.count(r"\|") + 1).all()
     assert on_disk["objid"].tolist() == test_rows["objid"].tolist()
     assert on_disk["path"].tolist() == [str(Path(cfg.paths.raw) / f) for f in test_rows["file"]]
@@ -204,8 +205,9 @@ def test_tables_carry_the_catalog_columns_units_and_provenance(trained_tiny, tmp
                             image_column="file", output=str(out), mc_dropout_samples=0))
     table = Table.read(out)
     assert table.colnames[:5] == ["objid", "ra", "dec", "label", "file"]
-    assert table.colnames[-8:] == ["predicted", "p_elliptical", "p_spiral", "p_edge_on",
-                                   "entropy", "mc_dropout_std", "prediction_set", "set_size"]
+    assert table.colnames[-9:] == ["predicted", "p_elliptical", "p_spiral", "p_edge_on",
+                                   "entropy", "mc_dropout_std", "prediction_set", "set_size",
+                                   "image_kind"]
     assert len(table) == 24 and table["ra"].unit == "deg" and table["dec"].unit == "deg"
     assert table["ra"].dtype.kind == "f" and table["r_eff_arcsec"].dtype.kind == "f"
     assert " ".join(table["entropy"].description.split()).endswith("in nats (natural log)")
@@ -216,6 +218,8 @@ def test_tables_carry_the_catalog_columns_units_and_provenance(trained_tiny, tmp
             else table.meta)
     assert meta["CLASSES"] == "elliptical,spiral,edge_on" and meta["TTA"] == "dihedral"
     assert str(meta["MODEL"]).endswith("cnn") and "PIPEVER" in meta and "DATE" in meta
+    assert meta["TRAINKND"] == "flux" and table["image_kind"].description.startswith(
+        "the cutout's kind: display")
     if suffix == ".vot":
         fields = {f.name: f for f in parse(str(out)).resources[0].tables[0].fields}
         assert fields["ra"].ucd == "pos.eq.ra;meta.main"
@@ -354,6 +358,7 @@ def test_cutouts_of_a_kind_the_model_never_saw_are_named_in_the_log(tmp_path, ca
     stretch, which they never saw. The table cannot show that, so the log must; JPEGs and
     PNGs, the kind they know, pass without a word."""
     from astropy.io import fits
+    from astropy.table import Table
     from PIL import Image
 
     from pipeline.release import available
@@ -368,7 +373,12 @@ def test_cutouts_of_a_kind_the_model_never_saw_are_named_in_the_log(tmp_path, ca
     Image.fromarray(display).save(folder / "g1_display.png")
     with caplog.at_level("WARNING", logger="pipeline.predict"):
         predict.run(predict_cfg(model="gz1-cnn-v2", input=str(folder),
-                                output=str(tmp_path / "p.csv"), mc_dropout_samples=0))
+                                output=str(tmp_path / "p.fits"), mc_dropout_samples=0))
+    # The table outlives the log: each row's kind, and the kinds the model was trained on.
+    table = Table.read(tmp_path / "p.fits")
+    kinds = {Path(str(row["image"])).name: str(row["image_kind"]) for row in table}
+    assert kinds == {"g0.fits": "flux", "g1.fits": "flux", "g1_display.png": "display"}
+    assert table.meta["TRAINKND"] == "display"
     warnings = [r.getMessage() for r in caplog.records if "never saw" in r.getMessage()]
     assert len(warnings) == 1, caplog.text
     assert warnings[0].startswith(
