@@ -43,6 +43,14 @@ DEFAULT_MAX_PIXELS = 20_000_000
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+def unseen_kind(trained_on: dict[str, int] | None) -> str | None:
+    """The kind a model trained on these kinds (its ``train_image_kinds``) never saw; None
+    when it saw both, or its bundle predates the record."""
+    if not trained_on or len(trained_on) != 1:
+        return None
+    return next(k for k in KIND_WORDS if k not in trained_on)
+
+
 def is_disk_full(err: OSError) -> bool:
     """ENOSPC or a quota, or NumPy's own wording for a write that did not fit."""
     return err.errno in DISK_FULL or "Not enough free space" in str(err)

@@ -63,6 +63,7 @@ from pipeline.io import (
     atomic_write_text,
     check_replaceable,
     is_within,
+    unseen_kind,
 )
 from pipeline.preprocess import FIXED, Loaded, catalog_radii, framing_of, load_images
 from pipeline.release import release_dir
@@ -351,15 +352,16 @@ def run_chunks(trained: TrainedModel, inputs: Inputs, todo: list[int], chunk_siz
     with ThreadPoolExecutor(1) as reader, tqdm(total=total, desc="classify", unit="img") as bar:
         pending = reader.submit(decode, todo[0]) if todo else None
         grey: list[int] = []
-        by_kind: dict[str, list[int]] = {FLUX: [], DISPLAY: []}
+        # Rows of the kind of cutout the model was not trained on, if there is one.
+        unseen, odd = unseen_kind(trained.summary.train_image_kinds), []
         for i, chunk in enumerate(todo):
             rows, loaded = pending.result()
             if i + 1 < len(todo):
                 pending = reader.submit(decode, todo[i + 1])
             parts.save(chunk, classify_chunk(trained, chunk, rows, loaded, s))
             grey.extend(rows[loaded.one_band & loaded.kept])
-            by_kind[FLUX].extend(rows[loaded.flux & loaded.kept])
-            by_kind[DISPLAY].extend(rows[~loaded.flux & loaded.kept])
+            if unseen:
+                odd.extend(rows[(loaded.flux == (unseen == FLUX)) & loaded.kept])
             bar.update(len(rows))
     if grey:
         # Colour separates red ellipticals from blue discs; a grey cutout hides it.
@@ -367,25 +369,16 @@ def run_chunks(trained: TrainedModel, inputs: Inputs, todo: list[int], chunk_siz
                     "ones; first: %s): a model trained on colour cutouts, as the gz1 releases "
                     "were, loses what colour told it (README, 'Classifying a survey')",
                     len(grey), total, inputs.paths[grey[0]])
-    warn_unseen_kinds(trained, by_kind, total, inputs.paths)
-
-
-def warn_unseen_kinds(trained: TrainedModel, by_kind: dict[str, list[int]], total: int,
-                      paths: list[Path]) -> None:
-    """Say so when cutouts are of a kind the model was never trained on: a FITS cutout given
-    to a model trained on JPEGs is normalised in a way the model never saw (or the reverse),
-    and nothing else would tell the user."""
-    trained_on = trained.summary.train_image_kinds
-    if not trained_on:
-        return  # a bundle from before this was recorded
-    seen = " and ".join(f"{n:,} {KIND_WORDS[k]}" for k, n in trained_on.items())
-    for kind, rows in by_kind.items():
-        if rows and kind not in trained_on:
-            log.warning("%d of the %d cutouts classified here are %s, a kind that %s never saw "
-                        "(first: %s): it was trained on %s. Its card's figures do not hold for "
-                        "them; give it cutouts of the kind it was trained on (README, "
-                        "'Classifying a survey')", len(rows), total, KIND_WORDS[kind],
-                        trained.folder, paths[rows[0]], seen)
+    if odd:
+        # A FITS cutout given to a model trained on JPEGs is normalised in a way the model
+        # never saw (or the reverse), and nothing else would tell the user.
+        seen = " and ".join(f"{n:,} {KIND_WORDS[k]}"
+                            for k, n in trained.summary.train_image_kinds.items())
+        log.warning("%d of the %d cutouts classified here are %s, a kind that %s never saw "
+                    "(first: %s): it was trained on %s. Its card's figures do not hold for "
+                    "them; give it cutouts of the kind it was trained on (README, 'Classifying "
+                    "a survey')", len(odd), total, KIND_WORDS[unseen], trained.folder,
+                    inputs.paths[odd[0]], seen)
 
 
 # --------------------------------------------------------------------------- the table

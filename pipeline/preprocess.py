@@ -123,10 +123,6 @@ class Loaded(NamedTuple):
     one_band: np.ndarray  # grey cutouts (three identical bands): no colour for the model
     flux: np.ndarray  # read as flux (FITS, float TIFF) and asinh-stretched; else display
 
-    def kinds(self) -> dict[str, int]:
-        """How many of the readable cutouts were of each kind."""
-        return kind_counts(self.flux[self.kept])
-
 
 def kind_counts(flux: np.ndarray) -> dict[str, int]:
     """Cutouts per kind (io.FLUX, io.DISPLAY) from a flux mask; kinds with none left out.

@@ -41,7 +41,7 @@ from pipeline.artifacts import (
 from pipeline.calibration import temperature_bound
 from pipeline.config import model_train_config, schedule_description, stage_main
 from pipeline.errors import MissingInputError
-from pipeline.io import KIND_WORDS, atomic_path, atomic_write_json, require_file
+from pipeline.io import KIND_WORDS, atomic_path, atomic_write_json, require_file, unseen_kind
 from pipeline.metrics import BOOTSTRAP_N, bootstrap_intervals
 from pipeline.models import registry as model_kinds
 from pipeline.sources import get_source
@@ -157,10 +157,9 @@ def model_context(cfg: DictConfig, name: str, cards: Path, data_meta: PreparedMe
     if metrics["n_test"] < 500:
         caveats.append(f"The test split is small ({metrics['n_test']} galaxies): the 95% "
                        "intervals above show how uncertain each figure is.")
-    kinds = summary.train_image_kinds or {}
-    if len(kinds) == 1:
-        (kind,) = kinds
-        unseen = next(k for k in KIND_WORDS if k != kind)
+    unseen = unseen_kind(summary.train_image_kinds)
+    if unseen:
+        (kind,) = summary.train_image_kinds
         caveats.append(f"Input kind: trained on {KIND_WORDS[kind]}; it never saw "
                        f"{KIND_WORDS[unseen]}, so this card's figures do not hold for those "
                        "(`predict` warns when it is given them).")
