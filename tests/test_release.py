@@ -104,6 +104,27 @@ def test_a_released_card_ships_no_galaxy_cutouts_but_keeps_its_plots(name):
         assert f'alt="{plot}"' in card
 
 
+@pytest.mark.parametrize("name", available() or [pytest.param(None, marks=pytest.mark.skip(
+    reason="this checkout carries no released model"))])
+def test_a_released_card_names_the_kind_of_cutout_its_model_never_saw(name):
+    """Users read the card before giving a model their FITS: it says what the bundle records."""
+    from pipeline.io import KIND_WORDS, unseen_kind
+
+    folder = release_dir(name)
+    kinds = json.loads((folder / "train_summary.json").read_text()).get("train_image_kinds")
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["training_data"].get("cutouts_per_kind") == kinds
+    unseen = unseen_kind(kinds)
+    caveats = [c for c in card["caveats_and_recommendations"] if c.startswith("Input kind")]
+    if unseen is None:
+        assert caveats == []
+        return
+    assert len(caveats) == 1 and f"never saw {KIND_WORDS[unseen]}" in caveats[0]
+    page = (folder / "model_card.html").read_text()
+    assert page.count("<li>Input kind: trained on ") == 1
+    assert f"never saw {KIND_WORDS[unseen]}" in page
+
+
 @pytest.fixture(scope="module")
 def prepared_from_release_config(tmp_path_factory):
     """The test split a released bundle's config makes of ../shared/data/gz1-dev, prepared
