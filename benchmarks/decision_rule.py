@@ -22,7 +22,12 @@ from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedShuffleSplit
 
 from pipeline.artifacts import TrainedModel, load_split
-from pipeline.inference import PRIOR_CORRECTION_GRID, predict_proba
+from pipeline.inference import (
+    PRIOR_CORRECTION_GRID,
+    apply_class_factors,
+    fit_prior_correction,
+    predict_proba,
+)
 
 
 def macro_f1(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
@@ -30,24 +35,32 @@ def macro_f1(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> float
                           zero_division=0))
 
 
-def best_factors(proba: np.ndarray, labels: np.ndarray, candidates: list[np.ndarray]
-                 ) -> np.ndarray:
-    """The candidate class factors with the highest macro-F1; ties go to the mildest."""
+def per_class_factors(proba: np.ndarray, labels: np.ndarray) -> list[float]:
+    """A free factor for every class but the first (e^-2 to e^2, 41 each), by macro-F1; ties
+    go to the mildest. What ``fit_prior_correction`` does with one exponent, unconstrained."""
     k = proba.shape[1]
-    return max(candidates, key=lambda f: (round(macro_f1(labels, (proba * f).argmax(1), k), 9),
-                                          -float(np.abs(np.log(f)).sum())))
-
-
-def rules(class_weights: np.ndarray) -> dict[str, list[np.ndarray]]:
-    """Each decision rule as the class factors it may choose from."""
-    k = len(class_weights)
     logs = np.round(np.arange(-2.0, 2.01, 0.1), 2)
+    candidates = [np.exp(np.array([0.0, *free])) for free in itertools.product(logs, repeat=k - 1)]
+    best = max(candidates, key=lambda f: (
+        round(macro_f1(labels, apply_class_factors(proba, f).argmax(1), k), 9),
+        -float(np.abs(np.log(f)).sum())))
+    return [float(f) for f in best]
+
+
+def rules(class_weights: list[float] | None, n_classes: int) -> dict:
+    """Each decision rule as a function (validation proba, labels) -> class factors; the alpha
+    rules are evaluate's own fit (``fit_prior_correction``) on a given grid."""
+    weights = dict(enumerate(class_weights or []))
+
+    def alpha_on(grid):
+        return lambda proba, labels: fit_prior_correction(
+            proba, labels, weights, n_classes, tuple(grid))["class_factors"]
+
     return {
-        "none": [np.ones(k)],
-        "alpha, 5 values (committed)": [class_weights ** -a for a in PRIOR_CORRECTION_GRID],
-        "alpha, 0 to 1.5 by 0.05": [class_weights ** -a for a in np.arange(0, 1.501, 0.05)],
-        "a factor per class": [np.exp(np.array([0.0, *free]))
-                               for free in itertools.product(logs, repeat=k - 1)],
+        "none": lambda proba, labels: None,
+        "alpha, 5 values (committed)": alpha_on(PRIOR_CORRECTION_GRID),
+        "alpha, 0 to 1.5 by 0.05": alpha_on(np.round(np.arange(0, 1.501, 0.05), 2)),
+        "a factor per class": per_class_factors,
     }
 
 
@@ -66,26 +79,22 @@ def main() -> None:
         proba = {s: predict_proba(bundle.model, d["images"].astype(np.float32), inference.tta,
                                   256, None, zoom=inference.tta_zoom) for s, d in splits.items()}
         y_val, y_test = splits["val"]["labels"], splits["test"]["labels"]
-        fitted = inference.prior_correction
-        # The stored factors are weights ** -alpha; alpha 0 means no weights were needed.
-        weights = (np.asarray(fitted.class_factors) ** (-1 / fitted.alpha) if fitted.alpha
-                   else np.ones(proba["val"].shape[1]))
+        k = bundle.scheme.n_classes
         halves = StratifiedShuffleSplit(n_splits=args.repeats, test_size=0.5, random_state=0)
         print(f"{folder} ({len(y_val)} validation, {len(y_test)} test galaxies, "
               f"{inference.tta} views at {inference.tta_zoom}x)")
-        for name, candidates in rules(weights).items():
+        for name, fit in rules(bundle.summary.class_balance_weights, k).items():
             held_out = []
-            for fit, score in halves.split(proba["val"], y_val):
-                factors = best_factors(proba["val"][fit], y_val[fit], candidates)
-                held_out.append(macro_f1(y_val[score], (proba["val"][score] * factors).argmax(1),
-                                         len(weights)))
-            factors = best_factors(proba["val"], y_val, candidates)
-            predicted = (proba["test"] * factors).argmax(1)
-            per_class = f1_score(y_test, predicted, average=None, labels=list(range(len(weights))))
+            for on, scored in halves.split(proba["val"], y_val):
+                factors = fit(proba["val"][on], y_val[on])
+                held_out.append(macro_f1(
+                    y_val[scored], apply_class_factors(proba["val"][scored], factors).argmax(1), k))
+            predicted = apply_class_factors(proba["test"], fit(proba["val"], y_val)).argmax(1)
+            per_class = f1_score(y_test, predicted, average=None, labels=list(range(k)))
             print(f"  {name:28s} validation, other half: {np.mean(held_out):.3f} "
                   f"(s.e. {np.std(held_out) / np.sqrt(len(held_out)):.3f})  |  test: accuracy "
                   f"{np.mean(predicted == y_test):.3f}, macro-F1 "
-                  f"{macro_f1(y_test, predicted, len(weights)):.3f}, per class "
+                  f"{macro_f1(y_test, predicted, k):.3f}, per class "
                   f"{' / '.join(f'{f:.3f}' for f in per_class)}")
 
 
