@@ -361,7 +361,8 @@ def run_chunks(trained: TrainedModel, inputs: Inputs, todo: list[int], chunk_siz
             parts.save(chunk, classify_chunk(trained, chunk, rows, loaded, s))
             grey.extend(rows[loaded.one_band & loaded.kept])
             if unseen:
-                odd.extend(rows[(loaded.flux == (unseen == FLUX)) & loaded.kept])
+                of_unseen_kind = loaded.flux if unseen == FLUX else ~loaded.flux
+                odd.extend(rows[of_unseen_kind & loaded.kept])
             bar.update(len(rows))
     if grey:
         # Colour separates red ellipticals from blue discs; a grey cutout hides it.
