@@ -4,6 +4,7 @@
     python benchmarks/transfer_speed.py --policy mixed_bfloat16  # bfloat16 compute (AMX CPUs)
     python benchmarks/transfer_speed.py --jit                    # XLA-compiled train step
     python benchmarks/transfer_speed.py --fine-tune-layers 100   # early blocks left frozen
+    python benchmarks/transfer_speed.py --input-size 112         # the backbone at 112 px
 
 Builds the transfer model of ``experiment=gz1`` with pipeline.models, as its fine-tuning
 phase trains it (backbone weights saved from a random initialisation, so nothing is
@@ -24,9 +25,11 @@ from pathlib import Path
 import numpy as np
 
 
-def build(policy: str, jit: bool, weights_dir: Path, fine_tune_layers: int | None):
+def build(policy: str, jit: bool, weights_dir: Path, fine_tune_layers: int | None,
+          input_size: int | None):
     """The gz1 transfer model at the start of fine-tuning, with its input side, batch size and
-    number of fine-tuned backbone layers."""
+    number of fine-tuned backbone layers. ``input_size`` resizes the prepared images inside
+    the model, as ``models.transfer.input_size`` does in training."""
     import keras
     from omegaconf import OmegaConf
 
@@ -43,6 +46,8 @@ def build(policy: str, jit: bool, weights_dir: Path, fine_tune_layers: int | Non
     overrides = {"weights": str(weights)}
     if fine_tune_layers is not None:
         overrides["fine_tune_layers"] = fine_tune_layers
+    if input_size is not None:
+        overrides["input_size"] = input_size
     cfg = validate(OmegaConf.merge(cfg, {"models": {"transfer": overrides}}))
     train = model_train_config(cfg, "transfer")
     built = build_model(cfg.models.transfer, (size, size, 3), len(cfg.data.classes), train,
@@ -63,11 +68,14 @@ def main() -> None:
     ap.add_argument("--jit", action="store_true", help="compile the train step with XLA")
     ap.add_argument("--fine-tune-layers", type=int, default=None,
                     help="top backbone layers fine-tuned (default: experiment=gz1's value)")
+    ap.add_argument("--input-size", type=int, default=None,
+                    help="side the backbone sees, resized inside the model (default: the "
+                         "prepared image size)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         model, size, batch, layers = build(args.policy, args.jit, Path(tmp),
-                                           args.fine_tune_layers)
+                                           args.fine_tune_layers, args.input_size)
     rng = np.random.default_rng(0)
     n = batch * args.steps
     images = rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
@@ -81,7 +89,9 @@ def main() -> None:
     model.predict(images, batch_size=batch, verbose=0)
     predict_rate = n / (time.perf_counter() - start)
 
-    print(f"gz1 transfer model (MobileNetV2) at {size}x{size}, batch {batch}, "
+    seen = args.input_size or size
+    print(f"gz1 transfer model (MobileNetV2) given {size}x{size}, backbone at {seen}x{seen}, "
+          f"batch {batch}, "
           f"policy {args.policy}, XLA {args.jit}, top {layers} backbone layers fine-tuned")
     print(f"training:   {train_rate:6.1f} images/s")
     print(f"prediction: {predict_rate:6.1f} images/s")
