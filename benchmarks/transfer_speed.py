@@ -2,9 +2,9 @@
 
     python benchmarks/transfer_speed.py                          # float32, as experiment=gz1 trains
     python benchmarks/transfer_speed.py --policy mixed_bfloat16  # bfloat16 compute (AMX CPUs)
-    python benchmarks/transfer_speed.py --jit                    # XLA-compiled train step
+    python benchmarks/transfer_speed.py --jit --input-size 144   # XLA step (no resize to compile)
     python benchmarks/transfer_speed.py --fine-tune-layers 100   # early blocks left frozen
-    python benchmarks/transfer_speed.py --input-size 112         # the backbone at 112 px
+    python benchmarks/transfer_speed.py --input-size 144         # the backbone at 144 px, as before
 
 Builds the transfer model of ``experiment=gz1`` with pipeline.models, as its fine-tuning
 phase trains it (backbone weights saved from a random initialisation, so nothing is
@@ -27,9 +27,10 @@ import numpy as np
 
 def build(policy: str, jit: bool, weights_dir: Path, fine_tune_layers: int | None,
           input_size: int | None):
-    """The gz1 transfer model at the start of fine-tuning, with its input side, batch size and
-    number of fine-tuned backbone layers. ``input_size`` resizes the prepared images inside
-    the model, as ``models.transfer.input_size`` does in training."""
+    """The gz1 transfer model at the start of fine-tuning, with its input side, the side its
+    backbone sees, batch size and number of fine-tuned backbone layers. ``input_size`` overrides
+    ``models.transfer.input_size`` (the side the prepared images are resized to inside the
+    model)."""
     import keras
     from omegaconf import OmegaConf
 
@@ -56,7 +57,9 @@ def build(policy: str, jit: bool, weights_dir: Path, fine_tune_layers: int | Non
     set_trainable_from(built.model, built.backbone_name, fine_tuning.trainable_from)
     built.model.compile(keras.optimizers.Adam(fine_tuning.learning_rate),
                         "sparse_categorical_crossentropy", jit_compile=jit)
-    return built.model, size, int(train.batch_size), int(cfg.models.transfer.fine_tune_layers)
+    seen = int(cfg.models.transfer.input_size or size)
+    return (built.model, size, seen, int(train.batch_size),
+            int(cfg.models.transfer.fine_tune_layers))
 
 
 def main() -> None:
@@ -69,13 +72,13 @@ def main() -> None:
     ap.add_argument("--fine-tune-layers", type=int, default=None,
                     help="top backbone layers fine-tuned (default: experiment=gz1's value)")
     ap.add_argument("--input-size", type=int, default=None,
-                    help="side the backbone sees, resized inside the model (default: the "
-                         "prepared image size)")
+                    help="side the backbone sees, resized inside the model (default: "
+                         "experiment=gz1's value)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model, size, batch, layers = build(args.policy, args.jit, Path(tmp),
-                                           args.fine_tune_layers, args.input_size)
+        model, size, seen, batch, layers = build(args.policy, args.jit, Path(tmp),
+                                                 args.fine_tune_layers, args.input_size)
     rng = np.random.default_rng(0)
     n = batch * args.steps
     images = rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
@@ -89,7 +92,6 @@ def main() -> None:
     model.predict(images, batch_size=batch, verbose=0)
     predict_rate = n / (time.perf_counter() - start)
 
-    seen = args.input_size or size
     print(f"gz1 transfer model (MobileNetV2) given {size}x{size}, backbone at {seen}x{seen}, "
           f"batch {batch}, "
           f"policy {args.policy}, XLA {args.jit}, top {layers} backbone layers fine-tuned")
