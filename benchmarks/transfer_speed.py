@@ -57,7 +57,7 @@ def build(policy: str, jit: bool, weights_dir: Path, fine_tune_layers: int | Non
     set_trainable_from(built.model, built.backbone_name, fine_tuning.trainable_from)
     built.model.compile(keras.optimizers.Adam(fine_tuning.learning_rate),
                         "sparse_categorical_crossentropy", jit_compile=jit)
-    seen = int(cfg.models.transfer.input_size or size)
+    seen = built.model.get_layer(built.backbone_name).inputs[0].shape[1]
     return (built.model, size, seen, int(train.batch_size),
             int(cfg.models.transfer.fine_tune_layers))
 
@@ -93,8 +93,8 @@ def main() -> None:
     predict_rate = n / (time.perf_counter() - start)
 
     print(f"gz1 transfer model (MobileNetV2) given {size}x{size}, backbone at {seen}x{seen}, "
-          f"batch {batch}, "
-          f"policy {args.policy}, XLA {args.jit}, top {layers} backbone layers fine-tuned")
+          f"batch {batch}, policy {args.policy}, XLA {args.jit}, "
+          f"top {layers} backbone layers fine-tuned")
     print(f"training:   {train_rate:6.1f} images/s")
     print(f"prediction: {predict_rate:6.1f} images/s")
 
